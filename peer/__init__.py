@@ -1,0 +1,1 @@
+"""vitpeer core: the library the coordinator and monitor build on."""

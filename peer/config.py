@@ -1,0 +1,231 @@
+"""Typed run configuration: one pydantic model per concern, every field documented under it.
+
+Precedence is command line > YAML file > defaults. ``load_config`` reads a data-only YAML file from ``configs/``,
+applies dotted overrides (``{"data.batch_size": 64}``) and validates the result; an error names the key, the value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+"""Where the experiment files ship; ``--config NAME`` without a path looks here."""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with one readable line per problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "vit_tiny_patch16_224"
+    """timm model name, e.g. ``vit_base_patch16_224``, ``vit_base_patch32_224``, ``vit_tiny_patch16_224``."""
+    img_size: int | None = Field(default=None, gt=0)
+    """Input resolution; None keeps the model's own (224 for the ViT-B models)."""
+    pretrained: bool = False
+    """Load the model's pretrained weights from the Hugging Face hub (downloads; needs network or a warm cache)."""
+    weights: Path | None = None
+    """Local weights file (``.safetensors`` or ``.pth``) loaded instead of the hub; the classifier head is re-made."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra ``timm.create_model`` arguments, e.g. ``{patch_size: 4, depth: 6}`` for a CPU-sized ViT."""
+
+    @model_validator(mode="after")
+    def _one_weight_source(self) -> ModelConfig:
+        if self.pretrained and self.weights is not None:
+            raise ValueError("set either model.pretrained or model.weights, not both")
+        return self
+
+
+class DataConfig(_Section):
+    source: str = "digits"
+    """``digits`` (embedded, no network), ``cifar10``, ``cifar100``, ``imagefolder`` or ``hf:<dataset name>``."""
+    data_dir: Path | None = None
+    """Local data directory: CIFAR's root, an ImageNet-style folder with train/ and val/, or a Hugging Face cache."""
+    download: bool = False
+    """Allow downloading the data set into ``data_dir`` (CIFAR, Hugging Face). Off: nothing is fetched."""
+    batch_size: int = Field(default=32, gt=0)
+    """Samples per local step on this peer (per device)."""
+    eval_batch_size: int | None = Field(default=None, gt=0)
+    """Batch size for validation and test; None uses ``batch_size``."""
+    num_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes; 0 loads in the training process (best for the small embedded set)."""
+    val_fraction: float = Field(default=0.15, gt=0, lt=1)
+    """Share of the training split held out for validation when the source has no validation split."""
+    test_fraction: float = Field(default=0.15, gt=0, lt=1)
+    """Share held out for the final test when the source has no test split (digits, imagefolder without test/)."""
+    split_seed: int = 0
+    """Seed of the fixed train/val/test split; the same on every peer so peers agree on what is held out."""
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        known = ("digits", "cifar10", "cifar100", "imagefolder")
+        if value in known or (value.startswith("hf:") and len(value) > 3):
+            return value
+        raise ValueError(f"unknown data source {value!r}; expected one of {', '.join(known)} or hf:<dataset name>")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(default=1e-3, gt=0)
+    """Peak learning rate of AdamW, reached after the warm-up."""
+    weight_decay: float = Field(default=0.05, ge=0)
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warm-up length in optimizer steps; in a swarm these are swarm steps (hivemind epochs)."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """After warm-up: cosine decay to ``min_lr_ratio * lr`` at ``trainer.max_steps``, or constant."""
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    """Final learning rate of the cosine schedule as a share of ``lr``."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    """Cross-entropy label smoothing."""
+
+
+class SwarmConfig(_Section):
+    run_id: str = "vitpeer"
+    """hivemind run id, used as given: peers with the same run id (and model) train together."""
+    initial_peers: list[str] = Field(default_factory=list)
+    """Multiaddrs of peers already in the swarm (``/ip4/1.2.3.4/tcp/31337/p2p/Qm...``); empty starts a new swarm."""
+    host_port: int = Field(default=0, ge=0, le=65535)
+    """TCP port to listen on; 0 lets the OS pick one. Open it in your firewall so others can reach you."""
+    host_maddrs: list[str] | None = None
+    """Listen addresses; None listens on all IPv4 interfaces at ``host_port``."""
+    announce_ip: str | None = None
+    """Public IP to announce (behind NAT with a forwarded port); others dial this address."""
+    announce_maddrs: list[str] = Field(default_factory=list)
+    """Full announce multiaddrs, when ``announce_ip`` is not enough."""
+    identity_path: Path | None = None
+    """Private key file giving this peer a stable peer id (and so a stable address) across restarts."""
+    client_mode: bool = False
+    """Do not accept incoming connections (peer behind a firewall without a forwarded port); uses others to average."""
+    use_relay: bool = True
+    """Let unreachable peers connect through this one (libp2p circuit relay)."""
+    use_auto_relay: bool = False
+    """Look for relays automatically and be reachable through them (behind NAT)."""
+    target_batch_size: int = Field(default=256, gt=0)
+    """Samples the whole swarm accumulates before all peers take one optimizer step (one swarm step)."""
+    matchmaking_time: float = Field(default=3.0, gt=0)
+    """Seconds to wait for peers to form an averaging group. Raise it on slow or far-apart networks."""
+    averaging_timeout: float = Field(default=30.0, gt=0)
+    """Seconds before an averaging round is given up and the peer steps with its local gradients."""
+    load_state_timeout: float = Field(default=60.0, gt=0)
+    """Deadline for downloading the swarm's state when joining or after falling behind; then train from local state."""
+    compression: Literal["none", "fp16", "8bit"] = "none"
+    """Gradient compression on the wire: none, fp16 (half the bytes), 8bit (uniform 8-bit quantization, a quarter of the bytes)."""
+    local_updates: bool = False
+    """Apply local gradients every step and only average parameters each swarm step (fewer bytes, noisier)."""
+    overlap: bool = True
+    """Average gradients and run the optimizer in the background while the next batches compute
+    (hivemind's delayed parameter updates): parameters lag one swarm step, the peer rarely waits."""
+    startup_timeout: float = Field(default=30.0, gt=0)
+    """Seconds the p2p daemon may take to start."""
+
+    @field_validator("initial_peers", mode="before")
+    @classmethod
+    def _split_peer_list(cls, value: Any) -> Any:
+        """Accept a comma- or space-separated string as well as a list (the old Lightning strategy did not)."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            return [part for item in value for part in str(item).replace(",", " ").split()]
+        return value
+
+    @field_validator("initial_peers")
+    @classmethod
+    def _multiaddrs(cls, value: list[str]) -> list[str]:
+        for addr in value:
+            if not addr.startswith("/") or "/p2p/" not in addr:
+                raise ValueError(f"{addr!r} is not a peer multiaddr; expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")
+        return value
+
+    @model_validator(mode="after")
+    def _compatible_modes(self) -> SwarmConfig:
+        if self.local_updates and self.overlap:
+            raise ValueError("swarm.local_updates averages no gradients, so swarm.overlap must be false with it")
+        return self
+
+
+class TrainerConfig(_Section):
+    max_steps: int = Field(default=100, gt=0)
+    """Optimizer steps to train; in a swarm these are swarm steps (hivemind epochs), shared by all peers."""
+    precision: Literal["32", "16-mixed", "bf16-mixed"] = "32"
+    """Numerics: 32 (fp32), bf16-mixed (CPUs and Ampere+ GPUs), 16-mixed (GPU only, not in a swarm)."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where to train; auto picks a GPU when one is visible."""
+    seed: int = 0
+    """Seed of model initialisation (the same on every peer); each peer's data order is reseeded from its peer id."""
+    val_every_n_epochs: int = Field(default=1, gt=0)
+    """Validate after every this many passes over the local data."""
+    log_every_n_steps: int = Field(default=10, gt=0)
+    """Local steps between logged training metrics."""
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    """Clip the gradient norm of each local step to this value; None disables clipping."""
+    output_dir: Path = Path("outputs")
+    """Run directory: resolved config, metrics CSV, checkpoints and results go here."""
+    resume: Path | None = None
+    """Lightning checkpoint to resume from (its hivemind epoch is restored too)."""
+    progress_bar: bool = True
+    """Show a progress bar; off in logs and tests."""
+
+
+class RunConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    def save(self, path: Path) -> None:
+        """Write the resolved config as YAML (loadable again with ``load_config``)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False))
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, or a file of ``configs/`` named with or without ``.yaml``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {str(name)!r} not found; shipped configs: {shipped}")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Validate ``path`` (YAML, may be None) with dotted ``overrides`` applied on top; raise ConfigError."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        resolved = resolve_config_path(path)
+        source = str(resolved)
+        loaded = yaml.safe_load(resolved.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for problem in err.errors():
+            key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+            shown = "" if problem["type"] == "missing" else f" = {problem.get('input')!r}"
+            lines.append(f"{key}{shown}: {problem['msg']}")
+        raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,115 @@
+"""The LightningModule: image classification around any timm model, AdamW with warm-up + cosine.
+
+The network is built by ``build_model`` (timm by name) and injected, so the module holds only training logic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from peer.config import ModelConfig, OptimConfig
+
+
+def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
+    """A timm model with a fresh ``num_classes`` head; hub weights only when ``config.pretrained`` asks for them."""
+    kwargs = dict(config.kwargs)
+    if config.img_size is not None:
+        kwargs["img_size"] = config.img_size
+    if config.weights is not None:
+        if not config.weights.is_file():
+            raise FileNotFoundError(f"model.weights = {str(config.weights)!r}: no such file")
+        # timm's own loader: reads .safetensors/.pth, adapts the patch embedding and drops a mismatched head
+        kwargs["pretrained_cfg_overlay"] = {"file": str(config.weights)}
+    try:
+        return timm.create_model(
+            config.name, pretrained=config.pretrained or config.weights is not None, num_classes=num_classes, **kwargs
+        )
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(
+                f"model.name = {config.name!r} is not a timm model; see timm.list_models('vit_*')"
+            ) from err
+        raise
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Learning-rate factor for optimizer step ``step``: linear warm-up, then cosine (or constant) to ``min_ratio``.
+
+    A pure function of the step, so every peer that knows the swarm step computes the same rate, whenever it joined.
+    """
+
+    warmup_steps: int
+    total_steps: int
+    min_ratio: float = 0.0
+    cosine: bool = True
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if not self.cosine:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ImageClassifier(pl.LightningModule):
+    """Cross-entropy classification with accuracy metrics; logs ``train/*``, ``val/*``, ``test/*``."""
+
+    def __init__(self, net: nn.Module, num_classes: int, optim: OptimConfig, max_steps: int):
+        super().__init__()
+        self.net = net
+        self.optim = optim
+        self.max_steps = max_steps
+        self.train_acc = MulticlassAccuracy(num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes)
+        self.test_acc = MulticlassAccuracy(num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.optim.label_smoothing)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=False)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], split: str, metric: MulticlassAccuracy) -> None:
+        images, labels = batch
+        logits = self(images)
+        metric(logits, labels)
+        self.log(f"{split}/loss", F.cross_entropy(logits, labels), prog_bar=True)
+        self.log(f"{split}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    def configure_optimizers(self):
+        """AdamW without weight decay on biases and norms; LambdaLR so the rate is a function of the step alone."""
+        decay, no_decay = [], []
+        for param in self.net.parameters():
+            if param.requires_grad:
+                (decay if param.ndim > 1 else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim.lr,
+        )
+        schedule = WarmupCosine(
+            self.optim.warmup_steps, self.max_steps, self.optim.min_lr_ratio, cosine=self.optim.schedule == "cosine"
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

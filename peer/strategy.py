@@ -1,0 +1,221 @@
+"""HivemindStrategy: Lightning 2.6 trains one peer of a hivemind swarm.
+
+How one local step reaches the swarm (read top to bottom):
+1. Lightning runs ``training_step`` + backward inside the optimizer closure, as for any optimizer.
+2. ``optimizer_step`` hands the closure and this step's batch size to ``hivemind.Optimizer.step``. hivemind adds the
+   gradients to a local accumulator and reports the samples to the DHT.
+3. When the peers' reports add up to ``target_batch_size``, every peer averages its accumulated gradients with the
+   others (all-reduce) and applies one optimizer step: one *swarm step* (hivemind's epoch). With ``overlap`` the
+   averaging and the optimizer run in background threads while the next batches compute.
+4. ``_SwarmProgress`` sets Lightning's ``global_step`` to the swarm step after every local step, so ``max_steps``,
+   checkpoints and the logged ``epoch`` count swarm steps; hivemind steps the LR scheduler once per swarm step.
+
+The module's optimizer and scheduler are rebuilt inside hivemind (the factory form that background modes need): any
+torch optimizer class with its defaults and parameter groups, and a ``LambdaLR`` (a pure function of the step, so
+peers that joined at different times agree on the learning rate).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import hivemind
+import pytorch_lightning as pl
+import torch
+from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+from pytorch_lightning.strategies import SingleDeviceStrategy
+from pytorch_lightning.utilities.data import extract_batch_size
+from torch.optim.lr_scheduler import LambdaLR
+
+from peer.config import SwarmConfig
+
+log = logging.getLogger(__name__)
+
+COMPRESSION = {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}
+
+
+class _LoadDeadline:
+    """Wraps an averager's ``load_state_from_peers`` so hivemind's retry loop ends at a deadline.
+
+    ``hivemind.Optimizer.load_state_from_peers`` retries forever while downloads fail (hivemind#453, #653). Before
+    the deadline a failure propagates (hivemind retries); after it, the failure is logged and swallowed, so hivemind's
+    loop ends and the peer goes on from its local state. Each attempt's own timeout is cut to the time left.
+    """
+
+    def __init__(self, load_state_from_peers, timeout: float):
+        self.load, self.timeout = load_state_from_peers, timeout
+        self.deadline: float | None = None
+
+    def __call__(self, **kwargs):
+        now = time.monotonic()
+        if self.deadline is None or now > self.deadline + self.timeout:  # a new load, not a retry of the last one
+            self.deadline = now + self.timeout
+        kwargs["timeout"] = max(1.0, min(kwargs.get("timeout") or self.timeout, self.deadline - now))
+        try:
+            return self.load(**kwargs)
+        except Exception as err:
+            if time.monotonic() < self.deadline:
+                raise
+            log.warning("giving up loading state from peers after %.0f s (%r); training on", self.timeout, err)
+            return None
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer with a deadline on state downloads and checkpoint restore that keeps the LR in step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for averager in (self.state_averager, self.grad_averager):
+            if averager is not None:
+                averager.load_state_from_peers = _LoadDeadline(averager.load_state_from_peers, self.load_state_timeout)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # an offloaded optimizer reads the same .grad tensors every step: zero them, never replace them
+        super().zero_grad(set_to_none=set_to_none and not self.offload_optimizer)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.state_averager._update_scheduler()  # hivemind's own catch-up: scheduler steps == local_epoch
+        self.tracker.report_local_progress(self.local_epoch, samples_accumulated=0)
+
+
+class HivemindStrategy(SingleDeviceStrategy):
+    """One hivemind peer on one device. ``dht`` is a started ``hivemind.DHT`` (see ``peer.swarm.start_dht``)."""
+
+    strategy_name = "hivemind"
+
+    def __init__(self, swarm: SwarmConfig, dht: hivemind.DHT, device: torch.device | str = "cpu", **kwargs: Any):
+        super().__init__(device=torch.device(device), **kwargs)
+        self.swarm, self.dht = swarm, dht
+        self._batch_size: int | None = None
+
+    @property
+    def optimizer(self) -> SwarmOptimizer:
+        return self.optimizers[0]
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        if trainer.precision == "16-mixed":
+            raise ValueError(
+                "precision '16-mixed' is not supported in a swarm: its loss scaling would have to run inside "
+                "hivemind's delayed steps. Use 'bf16-mixed' (CPUs, Ampere and newer GPUs) or '32'."
+            )
+        super().setup(trainer)
+        if trainer.state.fn == "fit":
+            self.optimizers = [self._make_swarm_optimizer(trainer)]
+            self.lr_scheduler_configs = []  # hivemind steps the scheduler once per swarm step, Lightning must not
+            trainer.callbacks.append(_SwarmProgress())
+
+    def _make_swarm_optimizer(self, trainer: pl.Trainer) -> SwarmOptimizer:
+        if len(self.optimizers) != 1:
+            raise ValueError(f"HivemindStrategy trains with exactly one optimizer, got {len(self.optimizers)}")
+        local = self.optimizers[0]
+        if len(self.lr_scheduler_configs) > 1:
+            raise ValueError("HivemindStrategy takes at most one LR scheduler")
+        scheduler = self.lr_scheduler_configs[0].scheduler if self.lr_scheduler_configs else None
+        if scheduler is not None and not isinstance(scheduler, LambdaLR):
+            raise ValueError(
+                f"HivemindStrategy rebuilds the scheduler once per swarm step and needs a LambdaLR, got "
+                f"{type(scheduler).__name__}; express the schedule as LambdaLR(optimizer, step -> factor)"
+            )
+        lambdas = scheduler.lr_lambdas if scheduler is not None else None
+        swarm = self.swarm
+        return SwarmOptimizer(
+            dht=self.dht,
+            run_id=swarm.run_id,
+            target_batch_size=swarm.target_batch_size,
+            params=[dict(group) for group in local.param_groups],
+            optimizer=lambda groups: type(local)(groups),  # each group carries all its hyper-parameters
+            scheduler=(lambda opt: LambdaLR(opt, lambdas)) if lambdas is not None else None,
+            matchmaking_time=swarm.matchmaking_time,
+            averaging_timeout=swarm.averaging_timeout,
+            load_state_timeout=swarm.load_state_timeout,
+            use_local_updates=swarm.local_updates,
+            offload_optimizer=not swarm.local_updates,
+            delay_optimizer_step=swarm.overlap,
+            delay_grad_averaging=swarm.overlap,
+            grad_compression=COMPRESSION[swarm.compression](),
+            state_averaging_compression=COMPRESSION[swarm.compression](),
+            # matchmaking requests must time out before the matchmaking window closes (hivemind warns otherwise)
+            averager_opts={"request_timeout": min(3.0, swarm.matchmaking_time / 2)},
+            verbose=log.isEnabledFor(logging.DEBUG),
+        )
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.swarm.initial_peers:
+            self.load_state_from_peers()
+
+    def load_state_from_peers(self) -> bool:
+        """Download the swarm's current state within ``load_state_timeout``; True if it moved this peer forward."""
+        before = self.optimizer.local_epoch
+        started = time.monotonic()
+        self.optimizer.load_state_from_peers()
+        after = self.optimizer.local_epoch
+        if after != before:
+            log.info("loaded the swarm's state at step %d in %.1f s", after, time.monotonic() - started)
+        return after != before
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_size = extract_batch_size(batch)  # known before the closure runs inside hivemind's step
+        super().on_train_batch_start(batch, batch_idx)
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any):
+        # the real size of this local batch: hivemind counts samples, not steps, toward target_batch_size
+        kwargs["batch_size"] = self._batch_size
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        checkpoint["swarm_epoch"] = self.optimizer.local_epoch  # also inside the optimizer state; here for readers
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def on_train_end(self) -> None:
+        # apply a background optimizer step still in flight, so the saved/tested weights include it
+        self.optimizer.state_averager.step(wait_for_delayed_updates=True)
+        super().on_train_end()
+
+    def teardown(self) -> None:
+        if self.optimizers and isinstance(self.optimizers[0], SwarmOptimizer) and self.optimizers[0].is_alive():
+            self.optimizers[0].shutdown()  # teardown runs after fit and again after test
+        super().teardown()
+
+
+class _SwarmProgress(pl.Callback):
+    """Keeps Lightning's step counter on the swarm step, logs the swarm's numbers, prints a line per swarm step."""
+
+    def __init__(self):
+        self.shown_epoch = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        opt: SwarmOptimizer = trainer.strategy.optimizer
+        step = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+        step.ready = step.completed = opt.local_epoch  # global_step, max_steps and checkpoints count swarm steps
+        progress = opt.tracker.global_progress
+        if opt.local_epoch != self.shown_epoch:
+            self.shown_epoch = opt.local_epoch
+            loss = float(outputs["loss"]) if isinstance(outputs, dict) else float("nan")
+            log.info(
+                "swarm step %d/%d | peers %d | loss %.4f | this peer %.0f samples/s | lr %.2e",
+                opt.local_epoch,
+                trainer.max_steps,
+                max(1, progress.num_peers),
+                loss,
+                opt.local_progress.samples_per_second,
+                opt.opt.param_groups[0]["lr"],
+            )
+        pl_module.log_dict(
+            {
+                "epoch": float(opt.local_epoch),
+                "swarm/peers": float(progress.num_peers),
+                "swarm/samples_accumulated": float(progress.samples_accumulated),
+                "swarm/samples_per_second": float(opt.local_progress.samples_per_second),
+                "lr": float(opt.opt.param_groups[0]["lr"]),
+            },
+            on_step=True,
+            on_epoch=False,
+        )
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            pl_module.log("epoch", float(trainer.strategy.optimizer.local_epoch))

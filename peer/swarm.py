@@ -1,0 +1,106 @@
+"""Joining the swarm: start a hivemind DHT node from ``SwarmConfig`` and say how others reach it.
+
+hivemind listens on loopback unless told otherwise and, listening on all interfaces, may print only 127.0.0.1
+(hivemind#628). ``reachable_maddrs`` lists the addresses another host can actually dial, so the printed
+``--initial-peers`` line works when pasted on another machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+
+import hivemind
+from hivemind.utils.multiaddr import Multiaddr
+
+from peer.config import SwarmConfig
+
+log = logging.getLogger(__name__)
+
+
+def listen_maddrs(swarm: SwarmConfig) -> list[str]:
+    """Where the p2p daemon listens: the configured multiaddrs, else every IPv4 interface at ``host_port``."""
+    return swarm.host_maddrs or [f"/ip4/0.0.0.0/tcp/{swarm.host_port}"]
+
+
+def announce_maddrs(swarm: SwarmConfig) -> list[str]:
+    """Addresses to announce to peers: explicit ones, or ``announce_ip`` at ``host_port``."""
+    if swarm.announce_maddrs:
+        return list(swarm.announce_maddrs)
+    if swarm.announce_ip:
+        if swarm.host_port == 0:
+            raise ValueError("swarm.announce_ip needs a fixed swarm.host_port (the port others dial), not 0")
+        return [f"/ip4/{swarm.announce_ip}/tcp/{swarm.host_port}"]
+    return []
+
+
+def start_dht(swarm: SwarmConfig, **extra) -> hivemind.DHT:
+    """Start this peer's DHT node and connect it to ``swarm.initial_peers``; raise RuntimeError with a way out."""
+    try:
+        return hivemind.DHT(
+            initial_peers=swarm.initial_peers,
+            start=True,
+            host_maddrs=listen_maddrs(swarm),
+            announce_maddrs=announce_maddrs(swarm),
+            identity_path=str(swarm.identity_path) if swarm.identity_path else None,
+            client_mode=swarm.client_mode,  # set on the DHT: hivemind.Optimizer's own flag is ignored in 1.1.12
+            use_relay=swarm.use_relay,
+            use_auto_relay=swarm.use_auto_relay,
+            startup_timeout=swarm.startup_timeout,
+            **extra,
+        )
+    except Exception as err:  # hivemind raises bare Exceptions/RuntimeErrors from the daemon and the bootstrap
+        message = str(err)
+        if "initial_peers responded" in message or "bootstrap" in message.lower():
+            raise RuntimeError(
+                f"none of the initial peers answered ({', '.join(swarm.initial_peers)}): check the addresses, "
+                "that those peers are running, and that their port is open to you"
+            ) from err
+        if "Daemon failed to start" in message:
+            raise RuntimeError(
+                f"the p2p daemon did not start in {swarm.startup_timeout:.0f} s; raise swarm.startup_timeout "
+                "or check that the listen port is free"
+            ) from err
+        raise
+
+
+def _default_route_ip() -> str | None:
+    """The local IP of the interface that routes to the internet (a UDP 'connect' sends no packet)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed, only used to pick the outgoing interface
+            return probe.getsockname()[0]
+        except OSError:
+            return None
+
+
+def reachable_maddrs(dht: hivemind.DHT, swarm: SwarmConfig) -> list[str]:
+    """Full multiaddrs (with /p2p/<peer id>) that other hosts can dial; loopback only when nothing else exists."""
+    peer_id = dht.peer_id.to_base58()
+    visible = [str(addr) for addr in dht.get_visible_maddrs()]
+    listens_everywhere = any("/0.0.0.0/" in addr for addr in listen_maddrs(swarm))
+    if listens_everywhere and not announce_maddrs(swarm):
+        ports = {Multiaddr(addr).value_for_protocol("tcp") for addr in visible if "/tcp/" in addr}
+        route_ip = _default_route_ip()
+        if route_ip and not route_ip.startswith("127."):
+            visible += [f"/ip4/{route_ip}/tcp/{port}/p2p/{peer_id}" for port in sorted(ports)]
+    addrs = []
+    for addr in visible:
+        if "/p2p/" not in addr:
+            addr = f"{addr}/p2p/{peer_id}"
+        if addr not in addrs:
+            addrs.append(addr)
+    public = [addr for addr in addrs if not addr.startswith(("/ip4/127.", "/ip6/::1"))]
+    return public if public and listens_everywhere else addrs
+
+
+def data_order_seed(dht: hivemind.DHT, seed: int) -> int:
+    """A data-order seed unique to this peer (its peer id mixed with the run seed): no two peers share batches."""
+    digest = hashlib.sha256(f"{seed}:{dht.peer_id.to_base58()}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def join_hint(maddrs: list[str], run_id: str) -> str:
+    """The ready-to-paste command line for other volunteers."""
+    return f"vitpeer join --run-id {run_id} --initial-peers {' '.join(maddrs)}"
