@@ -47,16 +47,23 @@ JOIN_OPTIONS: dict[str, str] = {
 
 def setup_logging(verbose: bool) -> None:
     """Our progress lines on stdout; hivemind and Lightning only when they warn (or everything with --verbose)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s vitpeer %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("peer").setLevel(logging.DEBUG if verbose else logging.INFO)
     from hivemind.utils.logging import use_hivemind_log_handler
 
-    use_hivemind_log_handler("in_root_logger")
-    for noisy in ("hivemind", "pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+    use_hivemind_log_handler("in_root_logger")  # hivemind's records go through the root logger's handler
+    ours = logging.getLogger("peer")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s vitpeer %(message)s", datefmt="%H:%M:%S"))
+        ours.addHandler(handler)
+        ours.propagate = False
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("hivemind", "asyncio", "pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     if not verbose:
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # hivemind's "Task was destroyed" noise at exit
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*is an invalid version and will not be supported.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def build_config(config_file: str | None, options: dict[str, Any], mapping: dict[str, str]) -> RunConfig:

@@ -54,6 +54,8 @@ class DataConfig(_Section):
     """Allow downloading the data set into ``data_dir`` (CIFAR, Hugging Face). Off: nothing is fetched."""
     batch_size: int = Field(default=32, gt=0)
     """Samples per local step on this peer (per device)."""
+    augment: bool = True
+    """Random resized crops (and flips, except for digits) on training images; off trains on the eval transform."""
     eval_batch_size: int | None = Field(default=None, gt=0)
     """Batch size for validation and test; None uses ``batch_size``."""
     num_workers: int = Field(default=0, ge=0)
@@ -119,12 +121,13 @@ class SwarmConfig(_Section):
     load_state_timeout: float = Field(default=60.0, gt=0)
     """Deadline for downloading the swarm's state when joining or after falling behind; then train from local state."""
     compression: Literal["none", "fp16", "8bit"] = "none"
-    """Gradient compression on the wire: none, fp16 (half the bytes), 8bit (uniform 8-bit quantization, a quarter of the bytes)."""
+    """Gradient compression on the wire: none, fp16 (half the bytes), 8bit (uniform 8-bit, a quarter of them)."""
     local_updates: bool = False
     """Apply local gradients every step and only average parameters each swarm step (fewer bytes, noisier)."""
-    overlap: bool = True
+    overlap: bool = False
     """Average gradients and run the optimizer in the background while the next batches compute
-    (hivemind's delayed parameter updates): parameters lag one swarm step, the peer rarely waits."""
+    (hivemind's delayed parameter updates): parameters lag one swarm step, the peer waits less.
+    Off by default: in our 2-peer digits runs it stalled learning (loss stayed at chance); see issue 9."""
     startup_timeout: float = Field(default=30.0, gt=0)
     """Seconds the p2p daemon may take to start."""
 

@@ -415,8 +415,10 @@ def _load(config: DataConfig) -> _Loaded:
 # --- transforms and the data module ----------------------------------------------------------------------------------
 
 
-def build_transforms(image_config: dict[str, Any], source: str) -> tuple[Callable, Callable]:
-    """timm's (train, eval) transforms for the model's ``image_config``; no horizontal flip for digits."""
+def build_transforms(image_config: dict[str, Any], source: str, augment: bool = True) -> tuple[Callable, Callable]:
+    """timm's (train, eval) transforms for the model's ``image_config``; no horizontal flip for digits.
+
+    Without ``augment`` training uses the deterministic evaluation transform."""
     channels, height, width = image_config["input_size"]
     if channels != 3:
         raise ValueError(f"input_size {image_config['input_size']} has {channels} channels; images here are RGB (3)")
@@ -440,7 +442,7 @@ def build_transforms(image_config: dict[str, Any], source: str) -> tuple[Callabl
         crop_pct=image_config.get("crop_pct"),
         crop_mode=image_config.get("crop_mode"),
     )
-    return train, evaluate
+    return (train if augment else evaluate), evaluate
 
 
 class VisionDataModule(pl.LightningDataModule):
@@ -451,7 +453,7 @@ class VisionDataModule(pl.LightningDataModule):
         self.config = config
         self.image_config = image_config
         self.order_seed = order_seed
-        self.train_transform, self.eval_transform = build_transforms(image_config, config.source)
+        self.train_transform, self.eval_transform = build_transforms(image_config, config.source, config.augment)
         self.class_names: list[str] = []
         self.train_set: ImageSplit | None = None
         self.val_set: ImageSplit | None = None

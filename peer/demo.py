@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 import hivemind
 
 log = logging.getLogger(__name__)
+OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d vitpeer ")  # the format peer.cli.setup_logging gives our own records
 
 
 def peer_command(config: str, initial_peers: list[str], output_dir: Path, max_steps: int | None) -> list[str]:
@@ -35,7 +37,7 @@ def _relay(index: int, stream, log_file: Path) -> None:
         for line in stream:
             sink.write(line)
             sink.flush()
-            if " vitpeer " in line:
+            if OUR_LINE.match(line):
                 print(f"[peer {index}] {line.split(' vitpeer ', 1)[1]}", end="", flush=True)
 
 

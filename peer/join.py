@@ -8,14 +8,13 @@ import time
 from typing import Any
 
 import pytorch_lightning as pl
-import timm.data
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from peer.config import RunConfig
 from peer.data import VisionDataModule, num_classes
-from peer.module import ImageClassifier, build_model
+from peer.module import ImageClassifier, build_model, image_config
 from peer.strategy import HivemindStrategy
 from peer.swarm import data_order_seed, join_hint, reachable_maddrs, start_dht
 
@@ -45,13 +44,14 @@ def run_join(config: RunConfig) -> dict[str, Any]:
             log.info("joined swarm %r through %d initial peer(s)", config.swarm.run_id, len(config.swarm.initial_peers))
         else:
             log.info("started a new swarm %r", config.swarm.run_id)
-        log.info("others join with:\n  %s", join_hint(maddrs, config.swarm.run_id))
+        log.info("others join with: %s", join_hint(maddrs, config.swarm.run_id))
         (out / "initial_peers.txt").write_text("\n".join(maddrs) + "\n")
 
         classes = num_classes(config.data)
         net = build_model(config.model, classes)
-        image_config = timm.data.resolve_data_config(model=net)
-        data = VisionDataModule(config.data, image_config, order_seed=data_order_seed(dht, config.trainer.seed))
+        data = VisionDataModule(
+            config.data, image_config(net, config.model), order_seed=data_order_seed(dht, config.trainer.seed)
+        )
         module = ImageClassifier(net, classes, config.optim, config.trainer.max_steps)
 
         strategy = HivemindStrategy(config.swarm, dht, device=pick_device(config.trainer.accelerator))

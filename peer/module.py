@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import timm
+import timm.data
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +39,14 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
                 f"model.name = {config.name!r} is not a timm model; see timm.list_models('vit_*')"
             ) from err
         raise
+
+
+def image_config(net: nn.Module, config: ModelConfig) -> dict:
+    """timm's preprocessing for ``net`` (size, mean, std, crop), at ``config.img_size`` when that is set."""
+    resolved = timm.data.resolve_data_config(model=net)
+    if config.img_size is not None:
+        resolved["input_size"] = (resolved["input_size"][0], config.img_size, config.img_size)
+    return resolved
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,75 @@
+"""Every shipped config validates; bad values are refused with the key and the value named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peer.config import CONFIG_DIR, ConfigError, RunConfig, load_config
+
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_the_required_configs_ship():
+    names = {path.stem for path in SHIPPED}
+    assert {"digits_tiny", "cifar10_vit_b32_hivemind", "beans_vit_b16"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.stem)
+def test_shipped_config_loads(path: Path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+
+
+def test_reference_experiment_values():
+    cifar = load_config("cifar10_vit_b32_hivemind")
+    assert cifar.model.name == "vit_base_patch32_224"
+    assert cifar.data.source == "cifar10"
+    assert cifar.data.batch_size == 320
+    assert cifar.swarm.target_batch_size == 640
+
+
+def test_command_line_overrides_file_and_file_overrides_defaults():
+    config = load_config("digits_tiny", {"data.batch_size": 7})
+    assert config.data.batch_size == 7
+    assert config.model.img_size == 16  # from the file, not the default
+    assert load_config().data.batch_size == RunConfig().data.batch_size
+
+
+def test_unknown_key_is_named(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batch_sise: 32\n")
+    with pytest.raises(ConfigError, match=r"data\.batch_sise"):
+        load_config(bad)
+
+
+def test_bad_value_names_key_value_and_rule():
+    with pytest.raises(ConfigError) as err:
+        load_config("digits_tiny", {"data.batch_size": -4})
+    assert "data.batch_size = -4" in str(err.value)
+    assert "greater than 0" in str(err.value)
+
+
+def test_unknown_source_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="cifar10, cifar100, imagefolder"):
+        load_config(None, {"data.source": "mnist"})
+
+
+def test_initial_peers_accepts_commas_and_rejects_non_multiaddrs():
+    a = "/ip4/10.0.0.1/tcp/31337/p2p/QmA"
+    b = "/ip4/10.0.0.2/tcp/31337/p2p/QmB"
+    assert load_config(None, {"swarm.initial_peers": [f"{a},{b}"]}).swarm.initial_peers == [a, b]
+    with pytest.raises(ConfigError, match="not a peer multiaddr"):
+        load_config(None, {"swarm.initial_peers": ["10.0.0.1:31337"]})
+
+
+def test_missing_config_file_lists_shipped_ones():
+    with pytest.raises(ConfigError, match="digits_tiny"):
+        load_config("no_such_experiment")
+
+
+def test_resolved_config_round_trips(tmp_path: Path):
+    config = load_config("digits_tiny", {"swarm.run_id": "roundtrip"})
+    config.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config

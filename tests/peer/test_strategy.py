@@ -1,0 +1,101 @@
+"""HivemindStrategy on its own: one real peer on 127.0.0.1, the embedded digits, a few swarm steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from peer.config import load_config
+from peer.data import VisionDataModule, num_classes
+from peer.module import ImageClassifier, WarmupCosine, build_model, image_config
+from peer.strategy import HivemindStrategy
+from peer.swarm import start_dht
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def config(tmp_path: Path):
+    return load_config(
+        "digits_tiny",
+        {
+            "swarm.host_maddrs": ["/ip4/127.0.0.1/tcp/0"],
+            "swarm.run_id": f"strategy-test-{tmp_path.name}",
+            "swarm.target_batch_size": 64,
+            "trainer.max_steps": 4,
+        },
+    )
+
+
+def fit(config, dht, max_steps: int, ckpt_dir: Path, resume: Path | None = None):
+    pl.seed_everything(0, verbose=False)
+    net = build_model(config.model, num_classes(config.data))
+    module = ImageClassifier(net, 10, config.optim, config.trainer.max_steps)
+    data = VisionDataModule(config.data, image_config(net, config.model), order_seed=1)
+    strategy = HivemindStrategy(config.swarm, dht)
+    trainer = pl.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[pl.callbacks.ModelCheckpoint(ckpt_dir, save_last=True, save_top_k=0)],
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    return trainer, strategy
+
+
+def test_global_step_and_lr_follow_swarm_steps_and_checkpoint_restores_them(config, tmp_path: Path):
+    dht = start_dht(config.swarm)
+    try:
+        trainer, strategy = fit(config, dht, 3, tmp_path)
+        opt = strategy.optimizer
+        assert opt.local_epoch == 3 and trainer.global_step == 3
+        # 64 samples per swarm step at 32 per local step: Lightning ran 6 local steps for 3 swarm steps
+        assert trainer.fit_loop.epoch_loop._batches_that_stepped == 6
+        schedule = WarmupCosine(config.optim.warmup_steps, config.trainer.max_steps)
+        assert opt.opt.param_groups[0]["lr"] == pytest.approx(config.optim.lr * schedule(3))
+
+        checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+        assert checkpoint["swarm_epoch"] == 3
+        assert checkpoint["optimizer_states"][0]["state"]["local_epoch"] == 3
+
+        trainer, strategy = fit(config, dht, 4, tmp_path / "resumed", resume=tmp_path / "last.ckpt")
+        assert strategy.optimizer.local_epoch == 4 and trainer.global_step == 4
+        assert strategy.optimizer.opt.param_groups[0]["lr"] == pytest.approx(config.optim.lr * schedule(4))
+    finally:
+        dht.shutdown()
+
+
+def test_fp16_mixed_is_refused_with_the_alternative(config, tmp_path: Path):
+    dht = start_dht(config.swarm)
+    try:
+        net = build_model(config.model, 10)
+        module = ImageClassifier(net, 10, config.optim, 2)
+        data = VisionDataModule(config.data, image_config(net, config.model), order_seed=1)
+        trainer = pl.Trainer(
+            strategy=HivemindStrategy(config.swarm, dht),
+            accelerator="cpu",
+            precision="16-mixed",
+            max_steps=2,
+            logger=False,
+            enable_progress_bar=False,
+        )
+        with pytest.raises(ValueError, match="bf16-mixed"):
+            trainer.fit(module, datamodule=data)
+    finally:
+        dht.shutdown()
+
+
+def test_unreachable_initial_peer_is_reported(config):
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWPTNKP3hSWvWP54hH9AGzu5mPA7wpXLpZc5PPnNGmwA2u"
+    swarm = config.swarm.model_copy(update={"initial_peers": [dead]})
+    with pytest.raises(RuntimeError, match="none of the initial peers answered"):
+        start_dht(swarm)
