@@ -10,8 +10,11 @@ import pytest
 import torch
 
 
+KEEP = {"torch_shm_manag"}  # torch's shared-memory helper: it leaves with us, and killing it first aborts the exit
+
+
 def _children(pid: int) -> list[int]:
-    """All descendants of ``pid`` (p2p daemons, peer processes), read from /proc."""
+    """All descendants of ``pid`` (p2p daemons, peer processes) but torch's own helper, read from /proc."""
     parents: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -22,14 +25,22 @@ def _children(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
         for child in parents.get(todo.pop(), []):
-            found.append(child)
+            try:
+                name = Path(f"/proc/{child}/comm").read_text().strip()
+            except OSError:
+                continue
+            if name not in KEEP:
+                found.append(child)
             todo.append(child)
     return found
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def reap_children():
-    """After each test, kill whatever it left running under this process."""
+    """After the session, kill whatever the tests left running under this process (as hivemind's tests do).
+
+    Not after each test: torch's shared-memory helpers live across tests, and tests that start peers stop them
+    themselves in ``finally`` blocks."""
     yield
     for pid in _children(os.getpid()):
         try:

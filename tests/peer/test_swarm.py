@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,20 +21,16 @@ pytestmark = pytest.mark.slow
 def peer(output_dir: Path, *args: str) -> subprocess.Popen:
     output_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "peer.cli", "join", "--output-dir", str(output_dir), "--run-id", "two-terminals"]
-    command += ["--host-maddr", "/ip4/127.0.0.1/tcp/0", "--max-steps", "15", *args]
-    log = (output_dir / "log.txt").open("w")
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={"OMP_NUM_THREADS": "1", **_env()})
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
+    command += ["--host-maddr", "/ip4/127.0.0.1/tcp/0", "--max-steps", "40", *args]
+    with (output_dir / "log.txt").open("w") as log:
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
 
 
 @pytest.mark.timeout(300)
 def test_second_peer_joins_with_the_first_peers_printed_address(tmp_path: Path):
-    first = peer(tmp_path / "a", "--target-batch-size", "256")
+    first = peer(tmp_path / "a", "--target-batch-size", "512")
     processes = [first]
     try:
         address_file = tmp_path / "a" / "initial_peers.txt"
@@ -44,13 +41,13 @@ def test_second_peer_joins_with_the_first_peers_printed_address(tmp_path: Path):
         line = next(line for line in printed.splitlines() if "others join with:" in line)
         hint = line.split("others join with: ", 1)[1].split()
         initial_peers = hint[hint.index("--initial-peers") + 1 :]
-        processes.append(peer(tmp_path / "b", "--target-batch-size", "256", "--initial-peers", *initial_peers))
+        processes.append(peer(tmp_path / "b", "--target-batch-size", "512", "--initial-peers", *initial_peers))
         codes = [process.wait(timeout=240) for process in processes]
     finally:
         stop_all(processes)
     assert codes == [0, 0], [(tmp_path / name / "log.txt").read_text()[-3000:] for name in "ab"]
     results = [json.loads((tmp_path / name / "results.json").read_text()) for name in "ab"]
-    assert results[0]["swarm_epoch"] == results[1]["swarm_epoch"] == 15
+    assert results[0]["swarm_epoch"] == results[1]["swarm_epoch"] == 40
     for name in "ab":
         rows = list(csv.DictReader((tmp_path / name / "metrics.csv").open()))
         assert any(row.get("swarm/peers") and float(row["swarm/peers"]) == 2 for row in rows), f"{name} never saw 2"
