@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 KEEP = {"torch_shm_manag"}  # torch's shared-memory helper: it leaves with us, and killing it first aborts the exit
 
 
