@@ -47,6 +47,10 @@ JOIN_OPTIONS: dict[str, str] = {
 
 def setup_logging(verbose: bool) -> None:
     """Our progress lines on stdout; hivemind and Lightning only when they warn (or everything with --verbose)."""
+    if not verbose:  # before importing hivemind, whose imports already warn
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     from hivemind.utils.logging import use_hivemind_log_handler
 
     use_hivemind_log_handler("in_root_logger")  # hivemind's records go through the root logger's handler
@@ -61,9 +65,6 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     if not verbose:
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # hivemind's "Task was destroyed" noise at exit
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def build_config(config_file: str | None, options: dict[str, Any], mapping: dict[str, str]) -> RunConfig:
