@@ -175,8 +175,6 @@ class TrainerConfig(_Section):
     """Run directory: resolved config, metrics CSV, checkpoints and results go here."""
     resume: Path | None = None
     """Lightning checkpoint to resume from (its hivemind epoch is restored too)."""
-    progress_bar: bool = True
-    """Show a progress bar; off in logs and tests."""
 
 
 class RunConfig(_Section):

@@ -8,7 +8,6 @@ an equal share of this host's cores. Their progress lines are shown with a ``[pe
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import hivemind
 
-log = logging.getLogger(__name__)
 OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d vitpeer ")  # the format peer.cli.setup_logging gives our own records
 
 

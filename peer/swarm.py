@@ -8,15 +8,12 @@ hivemind listens on loopback unless told otherwise and, listening on all interfa
 from __future__ import annotations
 
 import hashlib
-import logging
 import socket
 
 import hivemind
 from hivemind.utils.multiaddr import Multiaddr
 
 from peer.config import SwarmConfig
-
-log = logging.getLogger(__name__)
 
 
 def listen_maddrs(swarm: SwarmConfig) -> list[str]:
