@@ -61,10 +61,10 @@ def setup_logging(verbose: bool) -> None:
         ours.addHandler(handler)
         ours.propagate = False
     ours.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("hivemind", "asyncio", "pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+    for noisy in ("hivemind", "pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
-    if not verbose:
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # hivemind's "Task was destroyed" noise at exit
+    # hivemind's "Task was destroyed but it is pending" at exit is asyncio noise, not a user's problem
+    logging.getLogger("asyncio").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 def build_config(config_file: str | None, options: dict[str, Any], mapping: dict[str, str]) -> RunConfig:
@@ -87,6 +87,7 @@ def main() -> None:
     """vitpeer: train vision transformers together over the internet.
 
     \b
+    Examples:
     Start a local two-peer demo:          vitpeer demo
     Start a swarm on this host:           vitpeer join --config cifar10_vit_b32_hivemind
     Join a swarm (paste the printed line): vitpeer join --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/Qm...
