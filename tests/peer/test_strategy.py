@@ -67,6 +67,13 @@ def test_global_step_and_lr_follow_swarm_steps_and_checkpoint_restores_them(conf
         assert checkpoint["swarm_epoch"] == 3
         assert checkpoint["optimizer_states"][0]["state"]["local_epoch"] == 3
 
+    finally:
+        dht.shutdown()
+
+    # resume as a restarted peer does: a new process state, a new DHT node (reusing one DHT for a second
+    # hivemind.Optimizer in the same process hung once in add_validators on a fresh clone)
+    dht = start_dht(config.swarm)
+    try:
         trainer, strategy = fit(config, dht, 4, tmp_path / "resumed", resume=tmp_path / "last.ckpt")
         assert strategy.optimizer.local_epoch == 4 and trainer.global_step == 4
         assert strategy.optimizer.opt.param_groups[0]["lr"] == pytest.approx(config.optim.lr * schedule(4))
