@@ -10,9 +10,10 @@ from typing import Any
 
 import click
 
-from peer.config import ConfigError, RunConfig, load_config
+from peer.config import ConfigError, RunConfig, load_config, validated
 
 DEFAULT_CONFIG = "digits_tiny"
+OUR_PACKAGES = ("peer", "coordinator", "monitor")  # their log records are our progress lines, on stdout
 
 # command-line option -> dotted config key; a flag left unset keeps the file's (or the default) value
 JOIN_OPTIONS: dict[str, str] = {
@@ -54,21 +55,25 @@ def setup_logging(verbose: bool) -> None:
     from hivemind.utils.logging import use_hivemind_log_handler
 
     use_hivemind_log_handler("in_root_logger")  # hivemind's records go through the root logger's handler
-    ours = logging.getLogger("peer")
-    if not ours.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s vitpeer %(message)s", datefmt="%H:%M:%S"))
-        ours.addHandler(handler)
-        ours.propagate = False
-    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for package in OUR_PACKAGES:
+        ours = logging.getLogger(package)
+        if not ours.handlers:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(asctime)s vitpeer %(message)s", datefmt="%H:%M:%S"))
+            ours.addHandler(handler)
+            ours.propagate = False
+        ours.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("hivemind", "pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
     # hivemind's "Task was destroyed but it is pending" at exit is asyncio noise, not a user's problem
     logging.getLogger("asyncio").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
-def build_config(config_file: str | None, options: dict[str, Any], mapping: dict[str, str]) -> RunConfig:
-    """File values overridden by the flags that were given; a bad value exits with the key, value and the rule."""
+def build_config(
+    config_file: str | None, options: dict[str, Any], mapping: dict[str, str], text: str | None = None, source: str = ""
+) -> RunConfig:
+    """File values (or YAML ``text``) overridden by the flags that were given; a bad value exits naming the key,
+    the value and the rule."""
     overrides = {}
     for option, key in mapping.items():
         value = options.get(option)
@@ -76,9 +81,36 @@ def build_config(config_file: str | None, options: dict[str, Any], mapping: dict
             continue
         overrides[key] = list(value) if isinstance(value, tuple) else value
     try:
+        if text is not None:
+            return load_config(None, overrides, text=text, source=source)
         return load_config(config_file or DEFAULT_CONFIG, overrides)
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
+
+
+def join_config(config_file: str | None, coordinator: str | None, options: dict[str, Any]) -> RunConfig:
+    """The peer's config: from --config, or from the coordinator's /config; initial peers from the coordinator
+    unless --initial-peers is given."""
+    if coordinator is None:
+        return build_config(config_file, options, JOIN_OPTIONS)
+    from peer.swarm import coordinator_get
+
+    try:
+        shared = coordinator_get(coordinator, "/config")
+        if not options.get("initial_peers"):
+            options = {**options, "initial_peers": tuple(coordinator_get(coordinator, "/initial-peers").split())}
+    except (ValueError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from None
+    if config_file is None:
+        return build_config(None, options, JOIN_OPTIONS, text=shared, source=f"{coordinator}/config")
+    config = build_config(config_file, options, JOIN_OPTIONS)
+    theirs = load_config(None, text=shared, source=coordinator).swarm.run_id
+    if config.swarm.run_id != theirs:
+        raise click.UsageError(
+            f"swarm.run_id = {config.swarm.run_id!r} but the coordinator runs {theirs!r}; "
+            f"pass --run-id {theirs}, or leave out --config to use the coordinator's"
+        )
+    return config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -109,6 +141,13 @@ def main() -> None:
     help="A peer already in the swarm (repeat, or separate with commas/spaces). None: start a new swarm. "
     "[env: VITPEER_INITIAL_PEERS]",
 )
+@click.option(
+    "--coordinator",
+    metavar="URL",
+    envvar="VITPEER_COORDINATOR",
+    help="A coordinator's HTTP address (http://HOST:PORT): initial peers, and the run's config unless --config. "
+    "[env: VITPEER_COORDINATOR]",
+)
 @click.option("--run-id", help="hivemind run id, used exactly as given; all peers of a run share it.")
 @click.option("--host-port", type=int, help="TCP port to listen on (0: any free port). Open it to the internet.")
 @click.option("--host-maddr", multiple=True, metavar="MADDR", help="Listen multiaddr instead of all interfaces.")
@@ -135,19 +174,63 @@ def main() -> None:
 @click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), help="Lightning checkpoint to resume.")
 @click.option("--seed", type=int, help="Seed of model initialisation (data order differs per peer anyway).")
 @click.option("-v", "--verbose", is_flag=True, help="Show hivemind's and Lightning's own logs.")
-def join(config_file: str | None, verbose: bool, **options: Any) -> None:
+def join(config_file: str | None, coordinator: str | None, verbose: bool, **options: Any) -> None:
     """Train together with a swarm (or start one).
 
     \b
-    Example, first host:   vitpeer join --host-port 31337
-    Example, other hosts:  vitpeer join --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmXyz...
+    Example, through a coordinator: vitpeer join --coordinator http://203.0.113.5:8470
+    Example, first host:            vitpeer join --host-port 31337
+    Example, other hosts:           vitpeer join --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmXyz...
     """
     setup_logging(verbose)
-    config = build_config(config_file, options, JOIN_OPTIONS)
+    config = join_config(config_file, coordinator, options)
     from peer.join import run_join
 
     try:
         run_join(config)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+
+
+@main.command()
+@click.option("--config", "config_file", metavar="FILE", help=f"The run's experiment YAML. [default: {DEFAULT_CONFIG}]")
+@click.option("--run-id", help="hivemind run id (default: the config's).")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Identity key, checkpoints, best export, metrics history. [default: coordinator-state]",
+)
+@click.option("--host-port", type=int, help="Fixed DHT port, open to the internet. [default: 31337]")
+@click.option("--host-maddr", "host_maddrs", multiple=True, metavar="MADDR", help="Listen multiaddr instead.")
+@click.option("--announce-ip", help="Public IP to announce (behind NAT with --host-port forwarded).")
+@click.option("--http-host", help="Interface of the HTTP API. [default: 0.0.0.0]")
+@click.option("--http-port", type=int, help="Port of the HTTP API (0: any). [default: 8470]")
+@click.option("--checkpoint-every-steps", type=int, help="Checkpoint every N swarm steps. [default: 50]")
+@click.option("--checkpoint-every-minutes", type=float, help="... and every T minutes. [default: 30]")
+@click.option("--keep-last", type=int, help="Newest checkpoints to keep, besides the best. [default: 3]")
+@click.option("--download-timeout", type=float, help="Deadline of one state download, s. [default: 120]")
+@click.option("--eval-batches", type=int, help="Validation batches per checkpoint. [default: all]")
+@click.option("-v", "--verbose", is_flag=True, help="Show hivemind's own logs.")
+def coordinator(config_file: str | None, run_id: str | None, verbose: bool, **options: Any) -> None:
+    """Seed a swarm, watch it, checkpoint it, and keep its state when every volunteer has left.
+
+    \b
+    Example: vitpeer coordinator --config cifar10_vit_b32_hivemind --state-dir /srv/vitpeer --host-port 31337
+    Volunteers then run: vitpeer join --coordinator http://THIS_HOST:8470
+    """
+    setup_logging(verbose)
+    config = build_config(config_file, {"run_id": run_id}, {"run_id": "swarm.run_id"})
+    from coordinator.config import CoordinatorConfig
+
+    given = {key: value for key, value in options.items() if value is not None and value != ()}
+    try:
+        coord = validated(CoordinatorConfig, given, "command line")
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+    from coordinator.run import run_coordinator
+
+    try:
+        run_coordinator(config, coord)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
 

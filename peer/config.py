@@ -22,11 +22,13 @@ class ConfigError(ValueError):
     """A configuration that cannot run, with one readable line per problem."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = "vit_tiny_patch16_224"
     """timm model name, e.g. ``vit_base_patch16_224``, ``vit_base_patch32_224``, ``vit_tiny_patch16_224``."""
     img_size: int | None = Field(default=None, gt=0)
@@ -45,7 +47,7 @@ class ModelConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     source: str = "digits"
     """``digits`` (embedded, no network), ``cifar10``, ``cifar100``, ``imagefolder`` or ``hf:<dataset name>``."""
     data_dir: Path | None = None
@@ -76,7 +78,7 @@ class DataConfig(_Section):
         raise ValueError(f"unknown data source {value!r}; expected one of {', '.join(known)} or hf:<dataset name>")
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     lr: float = Field(default=1e-3, gt=0)
     """Peak learning rate of AdamW, reached after the warm-up."""
     weight_decay: float = Field(default=0.05, ge=0)
@@ -91,7 +93,7 @@ class OptimConfig(_Section):
     """Cross-entropy label smoothing."""
 
 
-class SwarmConfig(_Section):
+class SwarmConfig(Section):
     run_id: str = "vitpeer"
     """hivemind run id, used as given: peers with the same run id (and model) train together."""
     initial_peers: list[str] = Field(default_factory=list)
@@ -156,7 +158,7 @@ class SwarmConfig(_Section):
         return self
 
 
-class TrainerConfig(_Section):
+class TrainerConfig(Section):
     max_steps: int = Field(default=100, gt=0)
     """Optimizer steps to train; in a swarm these are swarm steps (hivemind epochs), shared by all peers."""
     precision: Literal["32", "16-mixed", "bf16-mixed"] = "32"
@@ -177,17 +179,28 @@ class TrainerConfig(_Section):
     """Lightning checkpoint to resume from (its hivemind epoch is restored too)."""
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+
     def save(self, path: Path) -> None:
         """Write the resolved config as YAML (loadable again with ``load_config``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False))
+        path.write_text(self.to_yaml())
+
+    def for_peers(self) -> RunConfig:
+        """What every peer of the run shares: this config without this host's addresses, identity and paths."""
+        host_specific = {"initial_peers", "host_port", "host_maddrs", "announce_ip", "announce_maddrs"}
+        host_specific |= {"identity_path", "client_mode", "use_auto_relay"}
+        swarm = SwarmConfig(**self.swarm.model_dump(exclude=host_specific))
+        trainer = TrainerConfig(**self.trainer.model_dump(exclude={"output_dir", "resume", "accelerator"}))
+        return self.model_copy(update={"swarm": swarm, "trainer": trainer})
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -202,17 +215,24 @@ def resolve_config_path(name: str | Path) -> Path:
     raise ConfigError(f"config file {str(name)!r} not found; shipped configs: {shipped}")
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Validate ``path`` (YAML, may be None) with dotted ``overrides`` applied on top; raise ConfigError."""
-    data: dict[str, Any] = {}
-    source = "defaults"
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    text: str | None = None,
+    source: str = "",
+) -> RunConfig:
+    """Validate YAML (a file ``path``, or ``text`` read from ``source``) with dotted ``overrides`` applied on top.
+
+    Neither ``path`` nor ``text``: the defaults. Raises ConfigError naming the key, the value and the rule.
+    """
     if path is not None:
         resolved = resolve_config_path(path)
-        source = str(resolved)
-        loaded = yaml.safe_load(resolved.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections, got {type(loaded).__name__}")
-        data = loaded
+        text, source = resolved.read_text(), str(resolved)
+    source = source or "defaults"
+    data = yaml.safe_load(text or "") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -221,8 +241,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    return validated(RunConfig, data, source)
+
+
+def validated(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    """``model`` built from ``data``, or a ConfigError with one line per problem: key = value: rule."""
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         lines = []
         for problem in err.errors():

@@ -15,6 +15,7 @@ from pytorch_lightning.loggers import CSVLogger
 from peer.config import RunConfig
 from peer.data import VisionDataModule, num_classes
 from peer.module import ImageClassifier, build_model, image_config
+from peer.report import SwarmReporter
 from peer.strategy import HivemindStrategy
 from peer.swarm import data_order_seed, join_hint, reachable_maddrs, start_dht
 
@@ -66,7 +67,10 @@ def run_join(config: RunConfig) -> dict[str, Any]:
             log_every_n_steps=config.trainer.log_every_n_steps,
             gradient_clip_val=config.trainer.grad_clip,
             logger=CSVLogger(out, name="", version=""),
-            callbacks=[ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0)],
+            callbacks=[
+                ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0),
+                SwarmReporter(dht, config.swarm.run_id),  # this peer's signed metrics record, once per swarm step
+            ],
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,

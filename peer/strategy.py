@@ -81,6 +81,27 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.tracker.report_local_progress(self.local_epoch, samples_accumulated=0)
 
 
+def factory_form(optimizer: torch.optim.Optimizer, scheduler: Any | None) -> tuple[list[dict], Any, Any]:
+    """A built optimizer and scheduler as hivemind's factory form: (param groups, optimizer and scheduler factories).
+
+    Every group carries all its hyper-parameters, so ``type(optimizer)(groups)`` rebuilds the optimizer. The
+    scheduler must be a ``LambdaLR``: hivemind steps it once per swarm step, and a pure function of the step lets
+    peers that joined at different times (and the coordinator) agree on the learning rate.
+    """
+    if scheduler is not None and not isinstance(scheduler, LambdaLR):
+        raise ValueError(
+            f"HivemindStrategy rebuilds the scheduler once per swarm step and needs a LambdaLR, got "
+            f"{type(scheduler).__name__}; express the schedule as LambdaLR(optimizer, step -> factor)"
+        )
+    lambdas = scheduler.lr_lambdas if scheduler is not None else None
+    groups = [dict(group) for group in optimizer.param_groups]
+    return (
+        groups,
+        lambda params: type(optimizer)(params),
+        (lambda opt: LambdaLR(opt, lambdas)) if lambdas is not None else None,
+    )
+
+
 class HivemindStrategy(SingleDeviceStrategy):
     """One hivemind peer on one device. ``dht`` is a started ``hivemind.DHT`` (see ``peer.swarm.start_dht``)."""
 
@@ -110,24 +131,18 @@ class HivemindStrategy(SingleDeviceStrategy):
     def _make_swarm_optimizer(self, trainer: pl.Trainer) -> SwarmOptimizer:
         if len(self.optimizers) != 1:
             raise ValueError(f"HivemindStrategy trains with exactly one optimizer, got {len(self.optimizers)}")
-        local = self.optimizers[0]
         if len(self.lr_scheduler_configs) > 1:
             raise ValueError("HivemindStrategy takes at most one LR scheduler")
         scheduler = self.lr_scheduler_configs[0].scheduler if self.lr_scheduler_configs else None
-        if scheduler is not None and not isinstance(scheduler, LambdaLR):
-            raise ValueError(
-                f"HivemindStrategy rebuilds the scheduler once per swarm step and needs a LambdaLR, got "
-                f"{type(scheduler).__name__}; express the schedule as LambdaLR(optimizer, step -> factor)"
-            )
-        lambdas = scheduler.lr_lambdas if scheduler is not None else None
+        params, optimizer, scheduler_factory = factory_form(self.optimizers[0], scheduler)
         swarm = self.swarm
         return SwarmOptimizer(
             dht=self.dht,
             run_id=swarm.run_id,
             target_batch_size=swarm.target_batch_size,
-            params=[dict(group) for group in local.param_groups],
-            optimizer=lambda groups: type(local)(groups),  # each group carries all its hyper-parameters
-            scheduler=(lambda opt: LambdaLR(opt, lambdas)) if lambdas is not None else None,
+            params=params,
+            optimizer=optimizer,
+            scheduler=scheduler_factory,
             matchmaking_time=swarm.matchmaking_time,
             averaging_timeout=swarm.averaging_timeout,
             load_state_timeout=swarm.load_state_timeout,

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import time
+import urllib.error
+import urllib.request
 
 import hivemind
 from hivemind.utils.multiaddr import Multiaddr
 
 from peer.config import SwarmConfig
+from peer.report import record_validators
 
 
 def listen_maddrs(swarm: SwarmConfig) -> list[str]:
@@ -45,6 +49,7 @@ def start_dht(swarm: SwarmConfig, **extra) -> hivemind.DHT:
             use_relay=swarm.use_relay,
             use_auto_relay=swarm.use_auto_relay,
             startup_timeout=swarm.startup_timeout,
+            record_validators=record_validators(swarm.run_id),  # signed, schema-checked metrics records
             **extra,
         )
     except Exception as err:  # hivemind raises bare Exceptions/RuntimeErrors from the daemon and the bootstrap
@@ -62,7 +67,7 @@ def start_dht(swarm: SwarmConfig, **extra) -> hivemind.DHT:
         raise
 
 
-def _default_route_ip() -> str | None:
+def default_route_ip() -> str | None:
     """The local IP of the interface that routes to the internet (a UDP 'connect' sends no packet)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
@@ -79,7 +84,7 @@ def reachable_maddrs(dht: hivemind.DHT, swarm: SwarmConfig) -> list[str]:
     listens_everywhere = any("/0.0.0.0/" in addr for addr in listen_maddrs(swarm))
     if listens_everywhere and not announce_maddrs(swarm):
         ports = {Multiaddr(addr).value_for_protocol("tcp") for addr in visible if "/tcp/" in addr}
-        route_ip = _default_route_ip()
+        route_ip = default_route_ip()
         if route_ip and not route_ip.startswith("127."):
             visible += [f"/ip4/{route_ip}/tcp/{port}/p2p/{peer_id}" for port in sorted(ports)]
     addrs = []
@@ -101,3 +106,24 @@ def data_order_seed(dht: hivemind.DHT, seed: int) -> int:
 def join_hint(maddrs: list[str], run_id: str) -> str:
     """The ready-to-paste command line for other volunteers."""
     return f"vitpeer join --run-id {run_id} --initial-peers {' '.join(maddrs)}"
+
+
+def coordinator_get(url: str, path: str, wait: float = 60.0) -> str:
+    """GET ``<url>/<path>`` from a coordinator's HTTP API as text, retrying while it starts (up to ``wait`` s)."""
+    address = f"{url.rstrip('/')}/{path.lstrip('/')}"
+    if not address.startswith(("http://", "https://")):
+        raise ValueError(f"--coordinator {url!r} is not an HTTP address; expected http://HOST:PORT")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(address, timeout=10) as response:
+                return response.read().decode()
+        except urllib.error.HTTPError as err:
+            raise RuntimeError(f"coordinator {url} answered {address} with HTTP {err.code} {err.reason}") from err
+        except (urllib.error.URLError, OSError) as err:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"coordinator {url} did not answer for {wait:.0f} s ({getattr(err, 'reason', err)}); "
+                    "check the address and that its HTTP port is open to you"
+                ) from err
+            time.sleep(1.0)

@@ -1,0 +1,178 @@
+"""Checkpoints on disk: written atomically, committed by a sidecar, pruned to the newest K plus the best.
+
+Layout of ``<state-dir>/checkpoints/``::
+
+    step_00000120.pt     torch.save({"model", "optimizer", "swarm_epoch"})
+    step_00000120.json   the sidecar, written last: swarm epoch, samples seen, peers, config hash, time, size,
+                         sha256, validation loss and accuracy. A .pt without its sidecar is incomplete.
+    *.tmp                a write in progress, or one cut off by a crash: removed at start, never loaded
+
+One write: serialize into memory, write ``<name>.tmp`` (1 MiB at a time), fsync it, rename it into place and fsync
+the directory; the sidecar follows the same way. Loading checks the size and sha256 the sidecar recorded, and falls
+back to the next older checkpoint when they do not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm.models
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+CHUNK_DELAY_ENV = "VITPEER_TEST_CHECKPOINT_CHUNK_DELAY"
+"""Seconds to pause after each written MiB. For fault-injection tests only (a SIGKILL in the middle of a write)."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds either its old content or all of ``data``, whatever happens to this process meanwhile."""
+    delay = float(os.environ.get(CHUNK_DELAY_ENV, "0"))
+    partial = path.with_name(path.name + ".tmp")
+    with partial.open("wb") as sink:
+        for start in range(0, len(data), CHUNK):
+            sink.write(data[start : start + CHUNK])
+            if delay:
+                sink.flush()
+                time.sleep(delay)
+        sink.flush()
+        os.fsync(sink.fileno())
+    os.replace(partial, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class Written:
+    """A checkpoint file in place, not yet committed by its sidecar."""
+
+    path: Path
+    sha256: str
+    bytes: int
+    write_seconds: float
+
+
+class CheckpointStore:
+    """``directory``'s checkpoints; ``keep_last`` newest complete ones survive pruning, and so does the best."""
+
+    def __init__(self, directory: Path, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError(f"keep_last = {keep_last}: keep at least the newest checkpoint (1)")
+        self.directory, self.keep_last = directory, keep_last
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def name(epoch: int) -> str:
+        return f"step_{epoch:08d}"
+
+    def remove_partial(self) -> list[Path]:
+        """Delete writes a crash cut off: ``*.tmp`` files and checkpoint files that never got their sidecar."""
+        removed = list(self.directory.glob("*.tmp"))
+        removed += [pt for pt in self.directory.glob("step_*.pt") if not pt.with_suffix(".json").is_file()]
+        for path in removed:
+            log.warning("removing %s: a write that did not complete (the previous run was stopped during it)", path)
+            path.unlink()
+        return removed
+
+    def save(self, state: dict[str, Any]) -> Written:
+        """Write ``state`` (with its ``swarm_epoch``) as the checkpoint file; commit it later with ``commit``."""
+        started = time.monotonic()
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+        path = self.directory / f"{self.name(state['swarm_epoch'])}.pt"
+        write_atomic(path, data)
+        return Written(path, hashlib.sha256(data).hexdigest(), len(data), round(time.monotonic() - started, 3))
+
+    def commit(self, written: Written, meta: dict[str, Any]) -> dict[str, Any]:
+        """Write the sidecar that makes ``written`` a complete checkpoint, then prune; return the sidecar."""
+        sidecar = {
+            **meta,
+            "file": written.path.name,
+            "bytes": written.bytes,
+            "sha256": written.sha256,
+            "write_seconds": written.write_seconds,
+        }
+        write_atomic(written.path.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+        self.prune()
+        return sidecar
+
+    def complete(self) -> list[dict[str, Any]]:
+        """Sidecars whose checkpoint file is there with the recorded size, oldest first."""
+        found = []
+        for path in self.directory.glob("step_*.json"):
+            try:
+                sidecar = json.loads(path.read_text())
+                checkpoint = self.directory / sidecar["file"]
+                if checkpoint.stat().st_size == sidecar["bytes"]:
+                    found.append(sidecar)
+                else:
+                    log.warning(
+                        "ignoring %s: its file has %d bytes, not %d", path, checkpoint.stat().st_size, sidecar["bytes"]
+                    )
+            except (OSError, ValueError, KeyError) as err:
+                log.warning("ignoring checkpoint sidecar %s: %s", path, err)
+        return sorted(found, key=lambda sidecar: sidecar["swarm_epoch"])
+
+    def newest(self) -> dict[str, Any] | None:
+        complete = self.complete()
+        return complete[-1] if complete else None
+
+    def best(self) -> dict[str, Any] | None:
+        """The complete checkpoint with the highest validation accuracy (the newer one on ties)."""
+        scored = [sidecar for sidecar in self.complete() if sidecar.get("val_accuracy") is not None]
+        return max(scored, key=lambda sidecar: (sidecar["val_accuracy"], sidecar["swarm_epoch"]), default=None)
+
+    def load_newest(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(sidecar, state) of the newest checkpoint whose bytes match their sha256; None when there is none."""
+        for sidecar in reversed(self.complete()):
+            data = (self.directory / sidecar["file"]).read_bytes()
+            if hashlib.sha256(data).hexdigest() != sidecar["sha256"]:
+                log.warning("skipping %s: its sha256 does not match the sidecar (damaged file)", sidecar["file"])
+                continue
+            return sidecar, torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return None
+
+    def prune(self) -> None:
+        complete = self.complete()
+        best = self.best()
+        keep = {sidecar["file"] for sidecar in complete[-self.keep_last :]}
+        if best is not None:
+            keep.add(best["file"])
+        for sidecar in complete:
+            if sidecar["file"] not in keep:
+                (self.directory / sidecar["file"]).with_suffix(".json").unlink()  # uncommit first
+                (self.directory / sidecar["file"]).unlink()
+
+
+def export_for_timm(net: nn.Module, model_args: dict[str, Any], results: dict[str, Any], directory: Path) -> None:
+    """Write ``net`` the way the Hugging Face Trainer leaves a run: ``model.safetensors``, ``config.json`` (loadable
+    with ``timm.create_model("local-dir:<directory>")``) and ``all_results.json``. Replaces ``directory`` whole."""
+    staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    timm.models.save_for_hf(net, str(staging), model_args=model_args, safe_serialization=True)
+    (staging / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    retired = directory.with_name(directory.name + ".old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if directory.exists():
+        directory.rename(retired)
+    staging.rename(directory)
+    shutil.rmtree(retired, ignore_errors=True)
