@@ -165,7 +165,8 @@ class CheckpointStore:
 
 def export_for_timm(net: nn.Module, model_args: dict[str, Any], results: dict[str, Any], directory: Path) -> None:
     """Write ``net`` the way the Hugging Face Trainer leaves a run: ``model.safetensors``, ``config.json`` (loadable
-    with ``timm.create_model("local-dir:<directory>")``) and ``all_results.json``. Replaces ``directory`` whole."""
+    with ``timm.create_model("local-dir:<directory>", pretrained=True)``; without ``pretrained=True`` timm builds the
+    architecture with fresh weights) and ``all_results.json``. Replaces ``directory`` whole."""
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     timm.models.save_for_hf(net, str(staging), model_args=model_args, safe_serialization=True)

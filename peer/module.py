@@ -78,9 +78,10 @@ class ImageClassifier(pl.LightningModule):
         self.net = net
         self.optim = optim
         self.max_steps = max_steps
-        self.train_acc = MulticlassAccuracy(num_classes)
-        self.val_acc = MulticlassAccuracy(num_classes)
-        self.test_acc = MulticlassAccuracy(num_classes)
+        # micro: correct / seen, the top-1 accuracy people quote (torchmetrics' default, macro, averages per class)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)

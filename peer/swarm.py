@@ -7,7 +7,12 @@ hivemind listens on loopback unless told otherwise and, listening on all interfa
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import multiprocessing
+import multiprocessing.util
+import os
+import signal
 import socket
 import time
 import urllib.error
@@ -36,8 +41,41 @@ def announce_maddrs(swarm: SwarmConfig) -> list[str]:
     return []
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(_: object) -> None:
+    """In a freshly forked child: ask Linux to SIGKILL it when its parent dies (then its p2p daemon exits too)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (AttributeError, OSError):  # not Linux: children may outlive a killed parent there
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class _Lifetime:
+    """Anchor for the after-fork hook (multiprocessing keeps registered objects by weak reference)."""
+
+
+_LIFETIME = _Lifetime()
+
+
+def children_die_with_us() -> None:
+    """hivemind's DHT and averager processes die with this one, even on SIGKILL.
+
+    Without it a killed peer or coordinator leaves its DHT process and p2p daemon running, still holding its port
+    and identity, so a restart on the same --host-port fails and other peers keep seeing a ghost peer.
+    """
+    if not getattr(_LIFETIME, "registered", False):
+        multiprocessing.util.register_after_fork(_LIFETIME, _die_with_parent)
+        _LIFETIME.registered = True
+
+
 def start_dht(swarm: SwarmConfig, **extra) -> hivemind.DHT:
     """Start this peer's DHT node and connect it to ``swarm.initial_peers``; raise RuntimeError with a way out."""
+    children_die_with_us()
     try:
         return hivemind.DHT(
             initial_peers=swarm.initial_peers,

@@ -1,0 +1,170 @@
+"""The coordinator's HTTP API, the config it shares with peers, and ``vitpeer join --coordinator``."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+
+from coordinator.api import ApiServer, Route
+from coordinator.config import CoordinatorConfig
+from peer.cli import join_config
+from peer.config import ConfigError, RunConfig, SwarmConfig, TrainerConfig, load_config, validated
+from peer.swarm import coordinator_get
+
+PEER_A = "/ip4/1.2.3.4/tcp/31337/p2p/QmXyzA"
+PEER_B = "/ip4/5.6.7.8/tcp/31337/p2p/QmXyzB"
+
+
+def serve(routes: dict[str, Route]) -> Iterator[str]:
+    server = ApiServer("127.0.0.1", 0, routes)
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.shutdown()
+
+
+def failing() -> tuple[str, str]:
+    raise RuntimeError("no checkpoint yet")
+
+
+@pytest.fixture
+def api() -> Iterator[str]:
+    routes: dict[str, Route] = {
+        "/initial-peers": lambda: ("text/plain", f"{PEER_A}\n"),
+        "/status": lambda: ("application/json", json.dumps({"swarm_epoch": 12, "peers": 2})),
+        "/broken": failing,
+    }
+    yield from serve(routes)
+
+
+@pytest.fixture
+def coordinator() -> Iterator[str]:
+    shared = RunConfig(swarm=SwarmConfig(run_id="from-coord")).for_peers().to_yaml()
+    routes: dict[str, Route] = {
+        "/config": lambda: ("application/yaml", shared),
+        "/initial-peers": lambda: ("text/plain", f"{PEER_A}\n{PEER_B}\n"),
+    }
+    yield from serve(routes)
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_routes_answer_with_their_body_and_content_type(api: str):
+    assert get(f"{api}/initial-peers") == (200, "text/plain; charset=utf-8", f"{PEER_A}\n")
+    code, content_type, body = get(f"{api}/status/?verbose=1")
+    assert (code, content_type) == (200, "application/json; charset=utf-8")
+    assert json.loads(body) == {"swarm_epoch": 12, "peers": 2}
+
+
+def test_unknown_path_is_404_listing_the_paths(api: str):
+    code, _, body = get(f"{api}/nope")
+    assert code == 404
+    assert all(path in body for path in ("/initial-peers", "/status", "/broken"))
+
+
+def test_failing_route_is_500_and_the_server_keeps_serving(api: str):
+    code, _, body = get(f"{api}/broken")
+    assert code == 500 and "no checkpoint yet" in body
+    assert get(f"{api}/initial-peers")[0] == 200
+
+
+def test_coordinator_get_returns_the_body(api: str):
+    assert coordinator_get(api + "/", "initial-peers", wait=5) == f"{PEER_A}\n"
+
+
+def test_coordinator_get_gives_up_on_a_closed_port_naming_the_url():
+    url = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(RuntimeError, match=url):
+        coordinator_get(url, "/config", wait=2)
+
+
+def test_coordinator_get_refuses_a_non_http_url():
+    with pytest.raises(ValueError, match="not an HTTP address"):
+        coordinator_get("127.0.0.1:8470", "/config", wait=2)
+
+
+def test_shared_config_leaves_out_this_hosts_addresses_and_paths():
+    host = RunConfig(
+        swarm=SwarmConfig(
+            run_id="shared-run",
+            initial_peers=[PEER_A],
+            host_port=31337,
+            host_maddrs=["/ip4/10.0.0.5/tcp/31337"],
+            announce_ip="203.0.113.5",
+            announce_maddrs=["/ip4/203.0.113.5/tcp/31337"],
+            identity_path=Path("/srv/secret/identity.key"),
+            client_mode=True,
+            target_batch_size=4096,
+        ),
+        trainer=TrainerConfig(output_dir=Path("/srv/runs/mine"), max_steps=700),
+    )
+    host.model.name = "vit_base_patch32_224"
+    shared = host.for_peers()
+
+    default = SwarmConfig()
+    assert shared.swarm.initial_peers == [] and shared.swarm.host_port == default.host_port
+    assert shared.swarm.host_maddrs is None and shared.swarm.announce_maddrs == []
+    assert shared.swarm.announce_ip is None and shared.swarm.identity_path is None and not shared.swarm.client_mode
+    assert shared.trainer.output_dir == TrainerConfig().output_dir
+    assert shared.swarm.run_id == "shared-run" and shared.swarm.target_batch_size == 4096
+    assert shared.model == host.model and shared.trainer.max_steps == 700
+
+    text = shared.to_yaml()
+    for private in ("10.0.0.5", "203.0.113.5", "/srv/secret", "/srv/runs", "QmXyzA"):
+        assert private not in text
+    assert load_config(text=text) == shared
+
+
+def test_coordinator_without_any_checkpoint_schedule_is_refused():
+    given = {"checkpoint_every_steps": 0, "checkpoint_every_minutes": 0}
+    with pytest.raises(ConfigError, match="no checkpoint would ever be written"):
+        validated(CoordinatorConfig, given, "command line")
+    assert validated(CoordinatorConfig, {"checkpoint_every_steps": 0}, "command line").checkpoint_every_minutes > 0
+
+
+def test_coordinator_swarm_is_the_first_node_with_a_fixed_port_and_identity(tmp_path: Path):
+    coord = CoordinatorConfig(state_dir=tmp_path, host_port=4101)
+    swarm = coord.swarm(SwarmConfig(run_id="r", initial_peers=[PEER_A], client_mode=True))
+    assert swarm.initial_peers == [] and swarm.host_port == 4101 and not swarm.client_mode
+    assert swarm.identity_path == tmp_path / "identity.key"
+    assert swarm.run_id == "r"
+
+
+def test_join_takes_config_and_initial_peers_from_the_coordinator(coordinator: str):
+    config = join_config(None, coordinator, {})
+    assert config.swarm.run_id == "from-coord"
+    assert config.swarm.initial_peers == [PEER_A, PEER_B]
+
+
+def test_join_with_another_run_id_than_the_coordinators_is_refused(coordinator: str):
+    with pytest.raises(click.UsageError) as refused:
+        join_config("digits_tiny", coordinator, {})
+    ours = load_config("digits_tiny").swarm.run_id
+    assert ours != "from-coord"
+    assert ours in refused.value.message and "from-coord" in refused.value.message
+
+
+def test_join_flags_override_the_coordinators_config(coordinator: str):
+    config = join_config(None, coordinator, {"batch_size": 7, "initial_peers": (PEER_B,)})
+    assert config.data.batch_size == 7
+    assert config.swarm.initial_peers == [PEER_B]
+    assert config.swarm.run_id == "from-coord"

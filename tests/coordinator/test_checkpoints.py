@@ -1,0 +1,155 @@
+"""Coordinator checkpoints on disk: atomic writes, commit by sidecar, damage detection, pruning, timm export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from coordinator.checkpoints import CHUNK_DELAY_ENV, CheckpointStore, export_for_timm
+from peer.config import ModelConfig
+from peer.module import build_model
+
+KWARGS = {"patch_size": 4, "embed_dim": 96, "depth": 2, "num_heads": 3}
+
+
+def tiny_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(name="vit_tiny_patch16_224", img_size=16, kwargs=KWARGS), 10)
+
+
+def state(net: nn.Module, epoch: int) -> dict[str, Any]:
+    optimizer = torch.optim.AdamW(net.parameters())
+    return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "swarm_epoch": epoch}
+
+
+def checkpoint(store: CheckpointStore, epoch: int, seed: int = 0, **meta: Any) -> dict[str, Any]:
+    return store.commit(store.save(state(tiny_net(seed), epoch)), {"swarm_epoch": epoch, **meta})
+
+
+def test_committed_checkpoint_loads_back_as_the_newest(tmp_path: Path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    checkpoint(store, 3, seed=3)
+    net = tiny_net(seed=5)
+    sidecar = store.commit(store.save(state(net, 5)), {"swarm_epoch": 5, "samples": 640, "val_accuracy": 0.5})
+
+    pt, sidecar_path = tmp_path / "checkpoints" / "step_00000005.pt", tmp_path / "checkpoints" / "step_00000005.json"
+    assert pt.is_file() and sidecar_path.is_file()
+    on_disk = json.loads(sidecar_path.read_text())
+    assert on_disk == sidecar
+    assert on_disk["samples"] == 640 and on_disk["val_accuracy"] == 0.5 and on_disk["swarm_epoch"] == 5
+    assert on_disk["bytes"] == pt.stat().st_size and len(on_disk["sha256"]) == 64 and on_disk["write_seconds"] >= 0
+
+    loaded = store.load_newest()
+    assert loaded is not None
+    loaded_sidecar, loaded_state = loaded
+    assert loaded_sidecar["file"] == "step_00000005.pt" and loaded_state["swarm_epoch"] == 5
+    torch.testing.assert_close(loaded_state["model"], net.state_dict(), rtol=0, atol=0)
+
+
+def test_checkpoint_without_sidecar_is_never_loaded_and_is_removed(tmp_path: Path):
+    store = CheckpointStore(tmp_path)
+    checkpoint(store, 1)
+    uncommitted = store.save(state(tiny_net(seed=2), 2))
+    half = uncommitted.path.read_bytes()[: uncommitted.bytes // 2]
+    leftover = tmp_path / "step_00000009.pt.tmp"
+    leftover.write_bytes(half)
+
+    assert [sidecar["swarm_epoch"] for sidecar in store.complete()] == [1]
+    assert store.newest()["swarm_epoch"] == 1
+    loaded = store.load_newest()
+    assert loaded is not None and loaded[1]["swarm_epoch"] == 1
+
+    assert sorted(store.remove_partial()) == sorted([uncommitted.path, leftover])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step_00000001.json", "step_00000001.pt"]
+    assert store.load_newest()[1]["swarm_epoch"] == 1
+
+
+def test_write_killed_midway_leaves_the_old_file_intact(tmp_path: Path):
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"old version")
+    partial = tmp_path / "state.pt.tmp"
+    size = 8 << 20  # 8 chunks, 0.5 s apart: about 4 s of writing
+    code = (
+        "import sys; from pathlib import Path; from coordinator.checkpoints import write_atomic; "
+        f"write_atomic(Path(sys.argv[1]), b'n' * {size})"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(target)], env={**os.environ, CHUNK_DELAY_ENV: "0.5", "OMP_NUM_THREADS": "1"}
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (partial.is_file() and partial.stat().st_size > 0):
+            assert child.poll() is None, f"the writer exited ({child.returncode}) before its .tmp appeared"
+            assert time.monotonic() < deadline, "the writer never started writing"
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=30)
+
+    assert target.read_bytes() == b"old version"
+    assert 0 < partial.stat().st_size < size
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path: Path):
+    store = CheckpointStore(tmp_path)
+    older = tiny_net(seed=1)
+    store.commit(store.save(state(older, 1)), {"swarm_epoch": 1})
+    checkpoint(store, 2, seed=2)
+    newest = tmp_path / "step_00000002.pt"
+    data = bytearray(newest.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(255 - byte for byte in data[middle : middle + 16])
+    newest.write_bytes(bytes(data))
+
+    assert store.newest()["swarm_epoch"] == 2  # same size: only the sha256 can tell
+    loaded = store.load_newest()
+    assert loaded is not None
+    assert loaded[0]["swarm_epoch"] == 1 and loaded[1]["swarm_epoch"] == 1
+    torch.testing.assert_close(loaded[1]["model"], older.state_dict(), rtol=0, atol=0)
+
+
+def test_prune_keeps_the_newest_and_the_best(tmp_path: Path):
+    store = CheckpointStore(tmp_path, keep_last=2)
+    for epoch, accuracy in [(1, 0.9), (2, 0.5), (3, 0.6), (4, 0.7), (5, 0.4)]:
+        checkpoint(store, epoch, val_accuracy=accuracy)
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        f"step_0000000{epoch}.{suffix}" for epoch in (1, 4, 5) for suffix in ("json", "pt")
+    ]
+    assert store.best()["swarm_epoch"] == 1
+    assert store.load_newest()[1]["swarm_epoch"] == 5
+
+
+def test_export_loads_in_timm_with_the_same_weights_and_outputs(tmp_path: Path):
+    net = tiny_net(seed=7).eval()
+    model_args = {**KWARGS, "num_classes": 10, "img_size": 16}
+    export = tmp_path / "best"
+    export_for_timm(tiny_net(seed=1), model_args, {"eval_accuracy": 0.1}, export)
+    export_for_timm(net, model_args, {"eval_accuracy": 0.75, "swarm_epoch": 12}, export)
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best"]
+    assert json.loads((export / "all_results.json").read_text()) == {"eval_accuracy": 0.75, "swarm_epoch": 12}
+    loaded = timm.create_model("local-dir:" + str(export), pretrained=True).eval()
+    torch.testing.assert_close(loaded.state_dict(), net.state_dict())
+    batch = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch), net(batch))
+
+
+def test_keep_last_zero_is_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointStore(tmp_path, keep_last=0)

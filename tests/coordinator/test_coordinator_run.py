@@ -1,0 +1,251 @@
+"""A real coordinator and real peers on 127.0.0.1, through every event issue 3 names.
+
+One run, in order: two peers join with ``--coordinator URL`` and show up in ``/status``; the coordinator writes
+checkpoints; forged and unsigned records are refused and counted; every peer is killed and one restarted, which
+resumes from the coordinator's state; the coordinator is SIGKILLed in the middle of a checkpoint write and restarted,
+and reloads the newest complete checkpoint. The best checkpoint then loads into a fresh model with the sidecar's
+validation accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import pytest
+import pytorch_lightning as pl
+import timm
+import torch
+from hivemind.utils import get_dht_time
+
+from coordinator.checkpoints import CHUNK_DELAY_ENV
+from peer.config import load_config
+from peer.data import VisionDataModule
+from peer.demo import stop_all
+from peer.module import ImageClassifier, build_model, image_config
+from peer.report import metrics_key, record_validators
+
+pytestmark = pytest.mark.slow
+
+CONFIG = "digits_tiny"
+RUN_ID = "vitpeer-digits"  # digits_tiny's run id
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def spawn(command: list[str], log: Path, **env: str) -> subprocess.Popen:
+    with log.open("a") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "peer.cli", *command],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env},
+        )
+
+
+class Coordinator:
+    def __init__(self, state_dir: Path, dht_port: int, log: Path):
+        self.state_dir, self.dht_port, self.log = state_dir, dht_port, log
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, **env: str) -> None:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        command = ["coordinator", "--config", CONFIG, "--state-dir", str(self.state_dir)]
+        command += ["--host-maddr", f"/ip4/127.0.0.1/tcp/{self.dht_port}", "--http-host", "127.0.0.1"]
+        command += ["--http-port", "0", "--checkpoint-every-steps", "6", "--keep-last", "3", "--download-timeout", "30"]
+        self.process = spawn(command, self.log, **env)
+
+        def url() -> str | None:
+            found = re.search(r"HTTP API at (http://\S+)", self.log.read_text()[offset:])
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            return found.group(1) if found else None
+
+        self.url = wait_for("the coordinator's HTTP address", url, timeout=90)
+
+    def status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/status", timeout=10) as response:
+            return json.loads(response.read())
+
+
+def peer(index: int, tmp_path: Path, coordinator: Coordinator) -> subprocess.Popen:
+    out = tmp_path / f"peer-{index}"
+    out.mkdir(exist_ok=True)
+    command = ["join", "--coordinator", coordinator.url, "--output-dir", str(out), "--max-steps", "10000"]
+    command += ["--host-maddr", "/ip4/127.0.0.1/tcp/0"]
+    return spawn(command, out / "log.txt")
+
+
+def listed(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {report["peer_id"]: report for report in status["peers"]}
+
+
+def peer_id(tmp_path: Path, index: int) -> str | None:
+    """The peer id a running peer printed in its join hint (the /p2p/ part of its address)."""
+    log = (tmp_path / f"peer-{index}" / "log.txt").read_text()
+    found = re.search(r"others join with: .*?/p2p/(\w+)", log)
+    return found.group(1) if found else None
+
+
+def sidecars(state_dir: Path) -> list[dict[str, Any]]:
+    found = [json.loads(path.read_text()) for path in (state_dir / "checkpoints").glob("step_*.json")]
+    return sorted(found, key=lambda sidecar: sidecar["swarm_epoch"])
+
+
+def forge_records(initial_peers: list[str], victim_subkey: bytes) -> None:
+    """A node without validators stores a record under another peer's key, and one with no key at all."""
+    forger = hivemind.DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    try:
+        forged = {"peer_id": "forged", "step": 1, "loss": 99.0, "window_samples": 1, "samples_per_second": 1.0}
+        forged |= {"samples": 1, "mini_steps": 1, "version": "x", "hardware": "x", "time": get_dht_time()}
+        expiration = get_dht_time() + 60
+        forger.store(metrics_key(RUN_ID), subkey=victim_subkey, value=forged, expiration_time=expiration)
+        forger.store(metrics_key(RUN_ID), subkey=b"intruder", value=forged, expiration_time=expiration)
+    finally:
+        forger.shutdown()
+
+
+def measured_val_accuracy(checkpoint: Path) -> float:
+    """A fresh model from the checkpoint's weights, validated by Lightning on the run's validation split."""
+    config = load_config(CONFIG)
+    net = build_model(config.model, 10)
+    net.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    module = ImageClassifier(net, 10, config.optim, config.trainer.max_steps)
+    data = VisionDataModule(config.data, image_config(net, config.model), order_seed=0)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return trainer.validate(module, datamodule=data, verbose=False)[0]["val/acc"]
+
+
+@pytest.mark.timeout(600)
+def test_coordinator_run_survives_peers_leaving_and_its_own_crash(tmp_path: Path):
+    state_dir = tmp_path / "coordinator"
+    coordinator = Coordinator(state_dir, free_port(), tmp_path / "coordinator.log")
+    # each MiB of a checkpoint takes 0.25 s to write, so the test can kill the coordinator in the middle of one
+    coordinator.start(**{CHUNK_DELAY_ENV: "0.25"})
+    first_address = (state_dir / "initial_peers.txt").read_text()
+    peers: list[subprocess.Popen] = []
+    try:
+        # 1. two peers join through the coordinator and appear in /status with their numbers
+        started = time.monotonic()
+        peers = [peer(1, tmp_path, coordinator), peer(2, tmp_path, coordinator)]
+        ids = wait_for("both peers' ids", lambda: all(peer_id(tmp_path, i) for i in (1, 2)), 90)
+        ids = [peer_id(tmp_path, i) for i in (1, 2)]
+        status = wait_for("both peers in /status", lambda: set(ids) <= set(listed(s := coordinator.status())) and s, 90)
+        print(f"peers appeared in /status {time.monotonic() - started:.1f} s after they were started")
+        for report in listed(status).values():
+            assert report["step"] >= 0 and report["samples"] > 0 and report["mini_steps"] > 0
+            assert report["samples_per_second"] >= 0 and report["hardware"].startswith(("cpu", "cuda"))
+        assert status["run_id"] == RUN_ID and status["alive_peers"] == 2
+
+        # 2. checkpoints: at least two complete ones, each evaluated
+        wait_for("two checkpoints", lambda: len(sidecars(state_dir)) >= 2, 240, every=1)
+        status = coordinator.status()
+        assert status["checkpoints"]["newest"]["swarm_epoch"] >= 12
+        print("checkpoint write seconds:", [sidecar["write_seconds"] for sidecar in sidecars(state_dir)])
+
+        # 3. forged and unsigned records are refused and counted; the victim's own record is untouched
+        victim = hivemind.DHT(  # validators strip signatures: a node without them cannot read signed records
+            initial_peers=first_address.split(),
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+            record_validators=record_validators(RUN_ID),
+            start=True,
+        )
+        try:
+            victim_subkey = next(iter(victim.get(metrics_key(RUN_ID), latest=True).value))
+        finally:
+            victim.shutdown()
+        forge_records(first_address.split(), victim_subkey)
+        status = wait_for(
+            "the forged records to be counted",
+            lambda: (
+                (s := coordinator.status())["rejected_records"]["signature"] >= 1
+                and s["rejected_records"]["schema"] >= 1
+                and s
+            ),
+            30,
+        )
+        assert "forged" not in listed(status) and all(report["loss"] != 99.0 for report in status["peers"])
+
+        # 4. every peer is killed; one comes back and resumes from the coordinator's state
+        for process in peers:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        time.sleep(3)  # a checkpoint in flight when the peers died finishes or fails
+        kept = coordinator.status()["state_epoch"]
+        assert kept >= 12
+        peers.append(peer(3, tmp_path, coordinator))
+        log3 = tmp_path / "peer-3" / "log.txt"
+        loaded = wait_for(
+            "peer 3 to load the state",
+            lambda: re.search(r"loaded the swarm's state at step (\d+)", log3.read_text()),
+            90,
+        )
+        assert int(loaded.group(1)) >= kept
+        id3 = wait_for("peer 3's id", lambda: peer_id(tmp_path, 3), 10)
+        wait_for(
+            "peer 3 to train on past the resumed step",
+            lambda: listed(coordinator.status()).get(id3, {}).get("step", -1) > kept,
+            150,
+            every=1,
+        )
+
+        # 5. the coordinator is killed in the middle of a checkpoint write, then restarted
+        before = {sidecar["file"] for sidecar in sidecars(state_dir)}
+        partial = wait_for(
+            "a checkpoint write in progress",
+            lambda: next((path for path in (state_dir / "checkpoints").glob("*.pt.tmp") if path.stat().st_size), None),
+            180,
+            every=0.02,
+        )
+        coordinator.process.send_signal(signal.SIGKILL)
+        coordinator.process.wait()
+        newest_complete = sidecars(state_dir)[-1]
+        assert partial.exists() and newest_complete["file"] in before
+        assert partial.stat().st_size < newest_complete["bytes"], "the killed write should be partial"
+        coordinator.start()
+        assert (state_dir / "initial_peers.txt").read_text() == first_address, "the address must survive a restart"
+        log = coordinator.log.read_text()
+        assert f"resumed from checkpoint {newest_complete['file']}" in log
+        assert not partial.exists() and "removing" in log
+        assert coordinator.status()["state_epoch"] == newest_complete["swarm_epoch"]
+    finally:
+        stop_all(peers)
+        if coordinator.process is not None:
+            stop_all([coordinator.process])
+
+    # 6. the best checkpoint, loaded into a fresh model, measures the sidecar's validation accuracy
+    best = max(sidecars(state_dir), key=lambda sidecar: (sidecar["val_accuracy"], sidecar["swarm_epoch"]))
+    assert measured_val_accuracy(state_dir / "checkpoints" / best["file"]) == pytest.approx(
+        best["val_accuracy"], abs=1e-6
+    )
+    exported = timm.create_model(f"local-dir:{state_dir / 'best'}", pretrained=True)
+    results = json.loads((state_dir / "best" / "all_results.json").read_text())
+    assert results["checkpoint"] == best["file"] and results["eval_accuracy"] == best["val_accuracy"]
+    reference = torch.load(state_dir / "checkpoints" / best["file"], weights_only=True)["model"]
+    for name, tensor in exported.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0, msg=name)
