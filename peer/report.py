@@ -63,38 +63,36 @@ def metrics_key(run_id: str) -> str:
     return f"{run_id}_metrics"
 
 
-class SignatureGuard(RSASignatureValidator):
-    """hivemind's RSA signature check, counting the records it refuses (forged or tampered)."""
+class _Counting:
+    """Mixin for a hivemind validator: count and log the records it refuses."""
 
-    reason = "signature"
-
-    def __init__(self):
-        super().__init__()
-        self.rejected = 0
+    reason = ""
+    rejected = 0
 
     def validate(self, record: DHTRecord) -> bool:
-        if super().validate(record):
-            return True
+        try:
+            if super().validate(record):
+                return True
+        except Exception:  # e.g. an [owner:...] that is no RSA key: hivemind raises instead of refusing
+            pass
         self.rejected += 1
-        log.warning("refused a DHT record with a missing or wrong signature (%d so far)", self.rejected)
+        log.warning("refused a DHT record: %s (%d so far)", self.__doc__.split(":")[0].lower(), self.rejected)
         return False
 
 
-class SchemaGuard(SchemaValidator):
-    """hivemind's pydantic schema check on ``<run_id>_metrics``, counting the records it refuses."""
+class SignatureGuard(_Counting, RSASignatureValidator):
+    """Missing or wrong signature: hivemind's RSA check, counting the records it refuses (forged or tampered)."""
+
+    reason = "signature"
+
+
+class SchemaGuard(_Counting, SchemaValidator):
+    """Unsigned or not matching its schema: hivemind's pydantic check on ``<run_id>_metrics``, counting refusals."""
 
     reason = "schema"
 
     def __init__(self, run_id: str):
         super().__init__(MetricsSchema, prefix=run_id)
-        self.rejected = 0
-
-    def validate(self, record: DHTRecord) -> bool:
-        if super().validate(record):
-            return True
-        self.rejected += 1
-        log.warning("refused a DHT record that is unsigned or does not match its schema (%d so far)", self.rejected)
-        return False
 
 
 def record_validators(run_id: str) -> list[RecordValidatorBase]:

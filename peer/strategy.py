@@ -154,6 +154,7 @@ class HivemindStrategy(SingleDeviceStrategy):
             state_averaging_compression=COMPRESSION[swarm.compression](),
             # matchmaking requests must time out before the matchmaking window closes (hivemind warns otherwise)
             averager_opts={"request_timeout": min(3.0, swarm.matchmaking_time / 2)},
+            tracker_opts={"metadata_expiration": swarm.progress_expiration},  # re-reported every half of it
             verbose=log.isEnabledFor(logging.DEBUG),
         )
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def peer(output_dir: Path, *args: str) -> subprocess.Popen:
     output_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "peer.cli", "join", "--output-dir", str(output_dir), "--run-id", "two-terminals"]
-    command += ["--host-maddr", "/ip4/127.0.0.1/tcp/0", "--max-steps", "40", *args]
+    command += ["--host-maddr", "/ip4/127.0.0.1/tcp/0", "--max-steps", "20", *args]
     with (output_dir / "log.txt").open("w") as log:
         return subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -47,7 +47,7 @@ def test_second_peer_joins_with_the_first_peers_printed_address(tmp_path: Path):
         stop_all(processes)
     assert codes == [0, 0], [(tmp_path / name / "log.txt").read_text()[-3000:] for name in "ab"]
     results = [json.loads((tmp_path / name / "results.json").read_text()) for name in "ab"]
-    assert results[0]["swarm_epoch"] == results[1]["swarm_epoch"] == 40
+    assert results[0]["swarm_epoch"] == results[1]["swarm_epoch"] == 20
     for name in "ab":
         rows = list(csv.DictReader((tmp_path / name / "metrics.csv").open()))
         assert any(row.get("swarm/peers") and float(row["swarm/peers"]) == 2 for row in rows), f"{name} never saw 2"

@@ -1,0 +1,53 @@
+"""Metrics records in the DHT: a peer's own record is readable, forged and unsigned ones are refused and counted."""
+
+from __future__ import annotations
+
+import hivemind
+import pytest
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+
+from peer.report import PeerReport, metrics_key, record_validators, rejected_records
+
+RUN_ID = "report-test"
+
+
+def report(loss: float) -> dict:
+    return PeerReport(
+        peer_id="me",
+        step=3,
+        loss=loss,
+        window_samples=32,
+        samples_per_second=10.0,
+        samples=96,
+        mini_steps=3,
+        version="test",
+        hardware="cpu",
+        time=get_dht_time(),
+    ).dict()
+
+
+@pytest.mark.timeout(120)
+def test_forged_unsigned_and_bogus_records_are_refused_and_counted():
+    guarded = hivemind.DHT(
+        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=record_validators(RUN_ID)
+    )
+    initial_peers = [str(addr) for addr in guarded.get_visible_maddrs()]
+    forger = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
+    try:
+        key, expiration = metrics_key(RUN_ID), get_dht_time() + 60
+        own = RSASignatureValidator().local_public_key  # the guarded node signs with this process's key
+        assert guarded.store(key, subkey=own, value=report(0.5), expiration_time=expiration)
+
+        forger.store(
+            key, subkey=own, value=report(99.0), expiration_time=expiration
+        )  # someone else's key, no signature
+        forger.store(key, subkey=b"unsigned", value=report(99.0), expiration_time=expiration)
+        forger.store(key, subkey=b"[owner:not-a-key]", value=report(99.0), expiration_time=expiration)
+
+        assert rejected_records(guarded) == {"signature": 2, "schema": 1}
+        stored = guarded.get(key, latest=True).value
+        assert list(stored) == [own] and stored[own].value["loss"] == 0.5
+    finally:
+        forger.shutdown()
+        guarded.shutdown()
