@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# Debian's prometheus package (prometheus + promtool) unpacked here, not installed: the monitor tests run them
+PROM := .tools/prometheus/usr/bin
 
 .PHONY: demo test lint format clean
 
@@ -10,10 +12,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+$(PROM)/promtool:
+	mkdir -p .tools/prometheus
+	cd .tools/prometheus && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; }
+	cd .tools/prometheus && dpkg -x prometheus_*.deb . && rm prometheus_*.deb
+	$@ --version >/dev/null
+
 demo: $(STAMP)
 	$(VENV)/bin/vitpeer demo
 
-test: $(STAMP)
+test: $(STAMP) $(PROM)/promtool
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest -m "not gpu"
 
@@ -24,4 +32,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tools outputs .pytest_cache .ruff_cache

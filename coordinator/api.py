@@ -1,7 +1,8 @@
 """The coordinator's read-only HTTP API (standard library server, one thread per request).
 
 ``GET /initial-peers`` (text: one multiaddr per line), ``GET /status`` (JSON), ``GET /config`` (the run's YAML,
-without the coordinator's own addresses and paths). Volunteers use it through ``vitpeer join --coordinator URL``.
+without the coordinator's own addresses and paths), ``GET /metrics`` (Prometheus text format, see ``monitor.swarm``).
+Volunteers use it through ``vitpeer join --coordinator URL``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, code: int, content_type: str, body: str) -> None:
         data = body.encode()
         self.send_response(code)
-        self.send_header("Content-Type", f"{content_type}; charset=utf-8")
+        if "charset" not in content_type:
+            content_type += "; charset=utf-8"
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

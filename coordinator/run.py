@@ -19,12 +19,15 @@ from collections import Counter
 from typing import Any
 
 from hivemind.utils import get_dht_time
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.api import ApiServer
 from coordinator.checkpoints import CheckpointStore, export_for_timm
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import History, aggregate, read_reports
 from coordinator.state import SwarmState, evaluate
+from monitor.peer import InfoCollector, host_registry
+from monitor.swarm import SwarmCollector
 from peer.config import RunConfig
 from peer.data import VisionDataModule
 from peer.module import image_config
@@ -79,6 +82,9 @@ class Coordinator:
                 sidecar["file"],
                 self.state.epoch,
             )
+        self.registry = host_registry()  # /metrics: this host, the swarm's records, checkpoints
+        self.registry.register(InfoCollector(self.dht.peer_id.to_base58(), self.config.swarm.run_id, "coordinator"))
+        self.registry.register(SwarmCollector(self.status))
         data = VisionDataModule(self.config.data, image_config(self.state.net, self.config.model), order_seed=0)
         data.setup("validate")
         self.val_loader = data.val_dataloader()
@@ -195,6 +201,7 @@ class Coordinator:
             "/initial-peers": lambda: ("text/plain", "\n".join(self.maddrs) + "\n"),
             "/status": lambda: ("application/json", json.dumps(self.status(), indent=2) + "\n"),
             "/config": lambda: ("application/yaml", self.config.for_peers().to_yaml()),
+            "/metrics": lambda: (CONTENT_TYPE_LATEST, generate_latest(self.registry).decode()),
         }
 
     def shutdown(self) -> None:
@@ -219,7 +226,7 @@ def run_coordinator(config: RunConfig, coord: CoordinatorConfig) -> None:
         api = ApiServer(coord.http_host, coord.http_port, coordinator.routes())
         url = http_url(coord, api.port)
         log.info("coordinator of run %r; initial peers: %s", config.swarm.run_id, " ".join(coordinator.maddrs))
-        log.info("HTTP API at %s (/status, /initial-peers, /config)", url)
+        log.info("HTTP API at %s (/status, /initial-peers, /config, /metrics)", url)
         log.info("volunteers join with: vitpeer join --coordinator %s", url)
         while not stop.is_set():
             try:

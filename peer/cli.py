@@ -43,6 +43,8 @@ JOIN_OPTIONS: dict[str, str] = {
     "output_dir": "trainer.output_dir",
     "resume": "trainer.resume",
     "seed": "trainer.seed",
+    "metrics_port": "monitor.port",
+    "metrics_addr": "monitor.addr",
 }
 
 
@@ -173,6 +175,8 @@ def main() -> None:
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
 @click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), help="Lightning checkpoint to resume.")
 @click.option("--seed", type=int, help="Seed of model initialisation (data order differs per peer anyway).")
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port (0: any). [default: off]")
+@click.option("--metrics-addr", help="Interface of the metrics endpoint. [default: 127.0.0.1]")
 @click.option("-v", "--verbose", is_flag=True, help="Show hivemind's and Lightning's own logs.")
 def join(config_file: str | None, coordinator: str | None, verbose: bool, **options: Any) -> None:
     """Train together with a swarm (or start one).
@@ -232,6 +236,47 @@ def coordinator(config_file: str | None, run_id: str | None, verbose: bool, **op
     try:
         run_coordinator(config, coord)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+
+
+@main.command()
+@click.option(
+    "--initial-peers", multiple=True, metavar="MADDR", envvar="VITPEER_INITIAL_PEERS", help="A peer in the swarm."
+)
+@click.option("--coordinator", metavar="URL", envvar="VITPEER_COORDINATOR", help="Or a coordinator: peers and run id.")
+@click.option("--config", "config_file", metavar="FILE", help="The run's YAML, for its run id (or --run-id).")
+@click.option("--run-id", help="The run to watch (default: the coordinator's or the config's).")
+@click.option("--addr", default="127.0.0.1", show_default=True, help="Interface of the metrics endpoint.")
+@click.option("--port", type=click.IntRange(0, 65535), default=9471, show_default=True, help="Metrics port (0: any).")
+@click.option("--poll-interval", type=click.FloatRange(min=0.5), default=5.0, show_default=True, help="Seconds.")
+@click.option("-v", "--verbose", is_flag=True, help="Show hivemind's own logs.")
+def monitor(
+    initial_peers: tuple[str, ...],
+    coordinator: str | None,
+    config_file: str | None,
+    run_id: str | None,
+    addr: str,
+    port: int,
+    poll_interval: float,
+    verbose: bool,
+) -> None:
+    """Serve a swarm's metrics to Prometheus without running a coordinator (reads the peers' signed DHT records).
+
+    \b
+    Example: vitpeer monitor --coordinator http://203.0.113.5:8470 --port 9471
+    Example: vitpeer monitor --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/Qm... --run-id vitpeer-digits
+    """
+    setup_logging(verbose)
+    if not initial_peers and coordinator is None:
+        raise click.UsageError("give --initial-peers or --coordinator: the monitor needs a way into the swarm")
+    if coordinator is None and run_id is None and config_file is None:
+        raise click.UsageError("give --run-id (or --config): which run's records to read")
+    config = join_config(config_file, coordinator, {"initial_peers": initial_peers, "run_id": run_id})
+    from monitor.run import run_monitor
+
+    try:
+        run_monitor(config.swarm.run_id, config.swarm.initial_peers, addr, port, poll_interval)
+    except (ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
 
 

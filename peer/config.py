@@ -182,12 +182,22 @@ class TrainerConfig(Section):
     """Lightning checkpoint to resume from (its hivemind epoch is restored too)."""
 
 
+class MonitorConfig(Section):
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve Prometheus metrics (GPU, training, averaging) on this port; 0 picks a free one (printed at start);
+    None serves none. Pick your own, e.g. 9470 (9100, 9400 and 9835 belong to common exporters)."""
+    addr: str = "127.0.0.1"
+    """Interface of the metrics endpoint: this host only by default; 0.0.0.0 when Prometheus scrapes from elsewhere
+    (a container, another host). The endpoint is read-only."""
+
+
 class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
@@ -203,7 +213,7 @@ class RunConfig(Section):
         host_specific |= {"identity_path", "client_mode", "use_auto_relay"}
         swarm = SwarmConfig(**self.swarm.model_dump(exclude=host_specific))
         trainer = TrainerConfig(**self.trainer.model_dump(exclude={"output_dir", "resume", "accelerator"}))
-        return self.model_copy(update={"swarm": swarm, "trainer": trainer})
+        return self.model_copy(update={"swarm": swarm, "trainer": trainer, "monitor": MonitorConfig()})
 
 
 def resolve_config_path(name: str | Path) -> Path:

@@ -12,6 +12,8 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
+from monitor.peer import PeerExporter
+from monitor.serve import MetricsServer
 from peer.config import RunConfig
 from peer.data import VisionDataModule, num_classes
 from peer.module import ImageClassifier, build_model, image_config
@@ -39,6 +41,7 @@ def run_join(config: RunConfig) -> dict[str, Any]:
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)  # same initial weights on every peer
 
     dht = start_dht(config.swarm)
+    metrics_server = None
     try:
         maddrs = reachable_maddrs(dht, config.swarm)
         if config.swarm.initial_peers:
@@ -55,7 +58,13 @@ def run_join(config: RunConfig) -> dict[str, Any]:
         )
         module = ImageClassifier(net, classes, config.optim, config.trainer.max_steps)
 
-        strategy = HivemindStrategy(config.swarm, dht, device=pick_device(config.trainer.accelerator))
+        exporter = PeerExporter() if config.monitor.port is not None else None
+        strategy = HivemindStrategy(config.swarm, dht, device=pick_device(config.trainer.accelerator), events=exporter)
+        reporter = SwarmReporter(dht, config.swarm.run_id)  # this peer's signed metrics record, once per swarm step
+        if exporter is not None:
+            exporter.watch(dht.peer_id.to_base58(), config.swarm.run_id, strategy, reporter)
+            metrics_server = MetricsServer(exporter.registry, config.monitor.addr, config.monitor.port)
+            log.info("metrics for Prometheus at %s", metrics_server.url)
         trainer = pl.Trainer(
             strategy=strategy,
             accelerator="gpu" if strategy.root_device.type == "cuda" else "cpu",
@@ -69,7 +78,7 @@ def run_join(config: RunConfig) -> dict[str, Any]:
             logger=CSVLogger(out, name="", version=""),
             callbacks=[
                 ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0),
-                SwarmReporter(dht, config.swarm.run_id),  # this peer's signed metrics record, once per swarm step
+                reporter,
             ],
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -93,4 +102,6 @@ def run_join(config: RunConfig) -> dict[str, Any]:
         )
         return results
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         dht.shutdown()

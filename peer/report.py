@@ -140,6 +140,7 @@ class SwarmReporter(pl.Callback):
         self.samples = self.mini_steps = 0
         self.window_loss, self.window_samples = 0.0, 0
         self.reported_step, self.reported_at = -1, 0.0
+        self.last: dict[str, Any] | None = None  # the newest published report (the Prometheus exporter reads it)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         size = extract_batch_size(batch)
@@ -162,7 +163,7 @@ class SwarmReporter(pl.Callback):
         self.dht.store(
             self.key, subkey=self.subkey, value=report, expiration_time=get_dht_time() + REPORT_TTL, return_future=True
         )
-        self.reported_step, self.reported_at = step, time.monotonic()
+        self.reported_step, self.reported_at, self.last = step, time.monotonic(), report
         self.window_loss, self.window_samples = 0.0, 0
 
     def report(self, step: int, samples_per_second: float) -> dict[str, Any]:

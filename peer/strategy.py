@@ -47,11 +47,12 @@ class _LoadDeadline:
     def __init__(self, load_state_from_peers, timeout: float):
         self.load, self.timeout = load_state_from_peers, timeout
         self.deadline: float | None = None
+        self.gave_up = False  # the last load ended at the deadline without a state
 
     def __call__(self, **kwargs):
         now = time.monotonic()
         if self.deadline is None or now > self.deadline + self.timeout:  # a new load, not a retry of the last one
-            self.deadline = now + self.timeout
+            self.deadline, self.gave_up = now + self.timeout, False
         kwargs["timeout"] = max(1.0, min(kwargs.get("timeout") or self.timeout, self.deadline - now))
         try:
             return self.load(**kwargs)
@@ -59,17 +60,67 @@ class _LoadDeadline:
             if time.monotonic() < self.deadline:
                 raise
             log.warning("giving up loading state from peers after %.0f s (%r); training on", self.timeout, err)
+            self.gave_up = True
             return None
 
 
-class SwarmOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer with a deadline on state downloads and checkpoint restore that keeps the LR in step."""
+class SwarmEvents:
+    """What the strategy reports as it happens, for metrics sinks; this base ignores it.
 
-    def __init__(self, **kwargs):
+    ``monitor.peer.PeerExporter`` counts these for Prometheus. Calls may come from hivemind's background threads.
+    """
+
+    def averaging_round(self, outcome: str, seconds: float | None) -> None:
+        """A gradient averaging round ended: ``averaged`` (with others), ``failed`` (error or timeout: this peer
+        stepped with its own gradients) or ``alone`` (no other peer: nothing to average). ``seconds``: from handing
+        the gradients to the round until it ended, None when no round ran."""
+
+    def state_download(self, outcome: str, seconds: float) -> None:
+        """A download of the swarm's state ended: ``loaded`` (moved this peer to a newer swarm step), ``current``
+        (no peer had a newer one) or ``failed`` (given up at ``load_state_timeout``)."""
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer with a deadline on state downloads, checkpoint restore that keeps the LR in step, and
+    ``SwarmEvents`` for every averaging round and state download."""
+
+    def __init__(self, events: SwarmEvents | None = None, **kwargs):
+        self.events = events or SwarmEvents()
         super().__init__(**kwargs)
+        self._loaders = []
         for averager in (self.state_averager, self.grad_averager):
             if averager is not None:
-                averager.load_state_from_peers = _LoadDeadline(averager.load_state_from_peers, self.load_state_timeout)
+                loader = _LoadDeadline(averager.load_state_from_peers, self.load_state_timeout)
+                averager.load_state_from_peers = loader
+                self._loaders.append(loader)
+
+    # The two hooks below wrap hivemind 1.1.12's own steps (private names, pinned version) without changing them.
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        began = super()._begin_averaging_gradients(grad_scaler)
+        if not began:  # no round: alone in the swarm, or hivemind could not start one
+            self.events.averaging_round("alone" if self.tracker.global_progress.num_peers <= 1 else "failed", None)
+        return began
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        started = time.perf_counter()
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        if maybe_step_control is None:
+            self.events.averaging_round("alone", None)
+            return
+        # hivemind swallows a failed or timed-out round and steps with local gradients; the future tells which
+        control = maybe_step_control
+        averaged = control.done() and not control.cancelled() and control.exception() is None
+        self.events.averaging_round("averaged" if averaged else "failed", time.perf_counter() - started)
+
+    def load_state_from_peers(self, **kwargs) -> None:
+        started, before = time.perf_counter(), self.local_epoch
+        super().load_state_from_peers(**kwargs)
+        if any(loader.gave_up for loader in self._loaders):
+            outcome = "failed"
+        else:
+            outcome = "loaded" if self.local_epoch > before else "current"
+        self.events.state_download(outcome, time.perf_counter() - started)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # an offloaded optimizer reads the same .grad tensors every step: zero them, never replace them
@@ -107,9 +158,16 @@ class HivemindStrategy(SingleDeviceStrategy):
 
     strategy_name = "hivemind"
 
-    def __init__(self, swarm: SwarmConfig, dht: hivemind.DHT, device: torch.device | str = "cpu", **kwargs: Any):
+    def __init__(
+        self,
+        swarm: SwarmConfig,
+        dht: hivemind.DHT,
+        device: torch.device | str = "cpu",
+        events: SwarmEvents | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(device=torch.device(device), **kwargs)
-        self.swarm, self.dht = swarm, dht
+        self.swarm, self.dht, self.events = swarm, dht, events
         self._batch_size: int | None = None
 
     @property
@@ -137,6 +195,7 @@ class HivemindStrategy(SingleDeviceStrategy):
         params, optimizer, scheduler_factory = factory_form(self.optimizers[0], scheduler)
         swarm = self.swarm
         return SwarmOptimizer(
+            events=self.events,
             dht=self.dht,
             run_id=swarm.run_id,
             target_batch_size=swarm.target_batch_size,

@@ -1,0 +1,132 @@
+"""A training peer's Prometheus exporter (``vitpeer join --metrics-port P``).
+
+Series, besides the host's (``monitor.host``) and prometheus_client's standard ``process_*``::
+
+    vitpeer_peer_info{peer_id,run_id,version,strategy} 1
+    vitpeer_samples_total                      samples this peer trained on (forward + backward)
+    vitpeer_local_steps_total                  local steps (micro-batches)
+    vitpeer_samples_per_second                 hivemind's moving average of this peer's throughput
+    vitpeer_loss                               mean training loss per sample over the last swarm step
+    vitpeer_swarm_epoch                        the swarm step (hivemind epoch) this peer is at
+    vitpeer_swarm_peers                        swarm size this peer sees
+    vitpeer_swarm_samples_accumulated          samples the swarm gathered toward the next step
+    vitpeer_target_batch_size                  samples per swarm step
+    vitpeer_averaging_rounds_total{outcome}    averaged | failed | alone (see ``peer.strategy.SwarmEvents``)
+    vitpeer_averaging_round_duration_seconds   histogram: gradients handed over -> round finished
+    vitpeer_state_downloads_total{outcome}     loaded | current | failed
+
+The training numbers are read from the trainer at scrape time (nothing is added to the training step); rounds and
+downloads are counted as the strategy reports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from monitor.host import HostCollector, Nvml
+from peer.report import vitpeer_version
+from peer.strategy import SwarmEvents, SwarmOptimizer
+
+if TYPE_CHECKING:
+    from peer.report import SwarmReporter
+    from peer.strategy import HivemindStrategy
+
+ROUND_OUTCOMES = ("averaged", "failed", "alone")
+DOWNLOAD_OUTCOMES = ("loaded", "current", "failed")
+ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+"""Seconds: a loopback round of a small model takes ~0.1 s, a ViT-B round over the internet tens of seconds."""
+
+
+class InfoCollector(Collector):
+    """``vitpeer_peer_info{peer_id,run_id,version,strategy} 1``: joins this process's series to its peer id."""
+
+    def __init__(self, peer_id: str, run_id: str, strategy: str):
+        self.labels = [peer_id, run_id, vitpeer_version(), strategy]
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "vitpeer_peer_info", "This process in the swarm", labels=["peer_id", "run_id", "version", "strategy"]
+        )
+        info.add_metric(self.labels, 1)
+        yield info
+
+
+def host_registry() -> CollectorRegistry:
+    """A registry with this host's series: GPUs (NVML), process CPU share, standard process_* series."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    registry.register(HostCollector(Nvml.start()))
+    return registry
+
+
+class PeerExporter(SwarmEvents):
+    """Counts the strategy's events and, once ``watch`` is called, reads the training numbers at every scrape."""
+
+    def __init__(self):
+        self.registry = host_registry()
+        self.rounds = Counter(
+            "vitpeer_averaging_rounds", "Gradient averaging rounds by outcome", ["outcome"], registry=self.registry
+        )
+        self.round_seconds = Histogram(
+            "vitpeer_averaging_round_duration_seconds",
+            "Seconds from handing this peer's gradients to a round until the round ended",
+            buckets=ROUND_BUCKETS,
+            registry=self.registry,
+        )
+        self.downloads = Counter(
+            "vitpeer_state_downloads", "Downloads of the swarm's state by outcome", ["outcome"], registry=self.registry
+        )
+        for outcome in ROUND_OUTCOMES:  # every outcome exists from the start at 0, so rate() sees the first one
+            self.rounds.labels(outcome)
+        for outcome in DOWNLOAD_OUTCOMES:
+            self.downloads.labels(outcome)
+
+    def averaging_round(self, outcome: str, seconds: float | None) -> None:
+        self.rounds.labels(outcome).inc()
+        if seconds is not None:
+            self.round_seconds.observe(seconds)
+
+    def state_download(self, outcome: str, seconds: float) -> None:
+        self.downloads.labels(outcome).inc()
+
+    def watch(self, peer_id: str, run_id: str, strategy: HivemindStrategy, reporter: SwarmReporter) -> None:
+        self.registry.register(InfoCollector(peer_id, run_id, strategy.strategy_name))
+        self.registry.register(TrainingCollector(strategy, reporter))
+
+
+class TrainingCollector(Collector):
+    """This peer's training numbers, read from the strategy's optimizer and the DHT reporter when scraped."""
+
+    def __init__(self, strategy: HivemindStrategy, reporter: SwarmReporter):
+        self.strategy, self.reporter = strategy, reporter
+
+    def collect(self) -> Iterator[Metric]:
+        reporter = self.reporter
+        yield CounterMetricFamily("vitpeer_samples", "Samples this peer trained on", value=reporter.samples)
+        yield CounterMetricFamily("vitpeer_local_steps", "Local steps (micro-batches)", value=reporter.mini_steps)
+        if reporter.last is not None and reporter.last["loss"] is not None:
+            yield GaugeMetricFamily(
+                "vitpeer_loss", "Mean training loss per sample over the last swarm step", value=reporter.last["loss"]
+            )
+        optimizers = self.strategy.optimizers
+        if not optimizers or not isinstance(optimizers[0], SwarmOptimizer):
+            return  # before fit: the swarm optimizer does not exist yet
+        opt = optimizers[0]
+        progress = opt.tracker.global_progress
+        gauges = {
+            "samples_per_second": ("This peer's samples per second", opt.local_progress.samples_per_second),
+            "swarm_epoch": ("The swarm step (hivemind epoch) this peer is at", opt.local_epoch),
+            "swarm_peers": ("Peers in the swarm as this peer sees it", max(1, progress.num_peers)),
+            "swarm_samples_accumulated": (
+                "Samples the swarm gathered toward the next step",
+                progress.samples_accumulated,
+            ),
+            "target_batch_size": ("Samples per swarm step", progress.target_batch_size),
+        }
+        for name, (help_text, value) in gauges.items():
+            yield GaugeMetricFamily(f"vitpeer_{name}", help_text, value=float(value))

@@ -1,0 +1,107 @@
+"""Swarm-wide series from the peers' signed DHT records: served by the coordinator and by ``vitpeer monitor``.
+
+``SwarmCollector`` reads a status dict (the coordinator's ``/status`` shape) at scrape time::
+
+    vitpeer_swarm_alive_peers, vitpeer_swarm_epoch, vitpeer_swarm_samples_per_second, vitpeer_swarm_loss
+    vitpeer_swarm_peer_info{peer_id,version,hardware} 1
+    vitpeer_swarm_peer_epoch / _samples_per_second / _loss / _samples_total / _report_age_seconds {peer_id}
+    vitpeer_rejected_records_total{reason}     signature | schema: forged or malformed records refused
+
+and, when the status has checkpoints (the coordinator's)::
+
+    vitpeer_checkpoint_epoch, vitpeer_checkpoint_timestamp_seconds, vitpeer_checkpoint_val_accuracy_ratio
+    vitpeer_checkpoint_failures_total{stage}   download | evaluate | checkpoint
+
+Per-peer series come from the records, so organisers see every volunteer without scraping them (most are behind
+NAT); ``peer_id`` has one value per live peer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CHECKPOINT_STAGES = ("download", "evaluate", "checkpoint")
+
+
+class SwarmCollector(Collector):
+    """Series of ``status()``: keys swarm_epoch, loss, samples_per_second, alive_peers, peers, rejected_records,
+    and optionally checkpoints and errors."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]):
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status()
+        yield GaugeMetricFamily("vitpeer_swarm_alive_peers", "Peers with a live metrics record", status["alive_peers"])
+        yield GaugeMetricFamily(
+            "vitpeer_swarm_samples_per_second",
+            "Sum of the alive peers' samples per second",
+            status["samples_per_second"],
+        )
+        if status["swarm_epoch"] is not None:
+            yield GaugeMetricFamily("vitpeer_swarm_epoch", "Newest swarm step among alive peers", status["swarm_epoch"])
+        if status["loss"] is not None:
+            yield GaugeMetricFamily(
+                "vitpeer_swarm_loss", "Sample-weighted training loss of alive peers", status["loss"]
+            )
+        yield from _peer_families(status["peers"])
+        rejected = CounterMetricFamily(
+            "vitpeer_rejected_records", "DHT records this node refused, by reason", labels=["reason"]
+        )
+        for reason in ("signature", "schema"):
+            rejected.add_metric([reason], status["rejected_records"].get(reason, 0))
+        yield rejected
+        if "checkpoints" in status:
+            yield from _checkpoint_families(status["checkpoints"]["newest"], status.get("errors", {}))
+
+
+def _peer_families(peers: list[dict[str, Any]]) -> Iterator[Metric]:
+    info = GaugeMetricFamily(
+        "vitpeer_swarm_peer_info", "A peer with a live record", labels=["peer_id", "version", "hardware"]
+    )
+    gauges = {
+        "epoch": ("step", "Swarm step the peer reported"),
+        "samples_per_second": ("samples_per_second", "The peer's samples per second"),
+        "loss": ("loss", "The peer's mean training loss over its last reporting window"),
+        "report_age_seconds": ("seconds_since_report", "Seconds since the peer's newest record"),
+    }
+    families = {
+        name: GaugeMetricFamily(f"vitpeer_swarm_peer_{name}", text, labels=["peer_id"])
+        for name, (_, text) in gauges.items()
+    }
+    samples = CounterMetricFamily("vitpeer_swarm_peer_samples", "Samples the peer contributed", labels=["peer_id"])
+    for peer in peers:
+        info.add_metric([peer["peer_id"], peer["version"], peer["hardware"]], 1)
+        samples.add_metric([peer["peer_id"]], peer["samples"])
+        for name, (key, _) in gauges.items():
+            if peer.get(key) is not None:
+                families[name].add_metric([peer["peer_id"]], peer[key])
+    yield info
+    yield samples
+    yield from families.values()
+
+
+def _checkpoint_families(newest: dict[str, Any] | None, errors: dict[str, int]) -> Iterator[Metric]:
+    if newest is not None:
+        yield GaugeMetricFamily(
+            "vitpeer_checkpoint_epoch", "Swarm step of the newest complete checkpoint", newest["swarm_epoch"]
+        )
+        yield GaugeMetricFamily(
+            "vitpeer_checkpoint_timestamp_seconds", "Unix time the newest complete checkpoint was taken", newest["time"]
+        )
+        if newest.get("val_accuracy") is not None:
+            yield GaugeMetricFamily(
+                "vitpeer_checkpoint_val_accuracy_ratio",
+                "Validation accuracy of the newest checkpoint",
+                newest["val_accuracy"],
+            )
+    failures = CounterMetricFamily(
+        "vitpeer_checkpoint_failures", "Checkpoint attempts that failed, by stage", labels=["stage"]
+    )
+    for stage in CHECKPOINT_STAGES:
+        failures.add_metric([stage], errors.get(stage, 0))
+    yield failures
