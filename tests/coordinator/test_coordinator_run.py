@@ -10,15 +10,10 @@ validation accuracy.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +23,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 from hivemind.utils import get_dht_time
+from processes import CONFIG, RUN_ID, Coordinator, free_port, listed, peer, peer_id, wait_for
 
 from coordinator.checkpoints import CHUNK_DELAY_ENV
 from peer.config import load_config
@@ -37,79 +33,6 @@ from peer.module import ImageClassifier, build_model, image_config
 from peer.report import metrics_key, record_validators
 
 pytestmark = pytest.mark.slow
-
-CONFIG = "digits_tiny"
-RUN_ID = "vitpeer-digits"  # digits_tiny's run id
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def spawn(command: list[str], log: Path, **env: str) -> subprocess.Popen:
-    with log.open("a") as sink:
-        return subprocess.Popen(
-            [sys.executable, "-m", "peer.cli", *command],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env},
-        )
-
-
-class Coordinator:
-    def __init__(self, state_dir: Path, dht_port: int, log: Path):
-        self.state_dir, self.dht_port, self.log = state_dir, dht_port, log
-        self.process: subprocess.Popen | None = None
-        self.url = ""
-
-    def start(self, **env: str) -> None:
-        offset = self.log.stat().st_size if self.log.exists() else 0
-        command = ["coordinator", "--config", CONFIG, "--state-dir", str(self.state_dir)]
-        command += ["--host-maddr", f"/ip4/127.0.0.1/tcp/{self.dht_port}", "--http-host", "127.0.0.1"]
-        command += ["--http-port", "0", "--checkpoint-every-steps", "6", "--keep-last", "3", "--download-timeout", "30"]
-        self.process = spawn(command, self.log, **env)
-
-        def url() -> str | None:
-            found = re.search(r"HTTP API at (http://\S+)", self.log.read_text()[offset:])
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            return found.group(1) if found else None
-
-        self.url = wait_for("the coordinator's HTTP address", url, timeout=90)
-
-    def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.url}/status", timeout=10) as response:
-            return json.loads(response.read())
-
-
-def peer(index: int, tmp_path: Path, coordinator: Coordinator) -> subprocess.Popen:
-    out = tmp_path / f"peer-{index}"
-    out.mkdir(exist_ok=True)
-    command = ["join", "--coordinator", coordinator.url, "--output-dir", str(out), "--max-steps", "10000"]
-    command += ["--host-maddr", "/ip4/127.0.0.1/tcp/0"]
-    return spawn(command, out / "log.txt")
-
-
-def listed(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {report["peer_id"]: report for report in status["peers"]}
-
-
-def peer_id(tmp_path: Path, index: int) -> str | None:
-    """The peer id a running peer printed in its join hint (the /p2p/ part of its address)."""
-    log = (tmp_path / f"peer-{index}" / "log.txt").read_text()
-    found = re.search(r"others join with: .*?/p2p/(\w+)", log)
-    return found.group(1) if found else None
 
 
 def sidecars(state_dir: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,154 @@
+"""A real Prometheus server scrapes a real coordinator, two training peers and ``vitpeer monitor`` on 127.0.0.1.
+
+One run: the coordinator starts, two peers join it with ``--metrics-port 0`` and ``vitpeer monitor`` watches the
+swarm through the coordinator. Every endpoint's exposition passes ``promtool check metrics``; then Prometheus
+(Debian's binary, scraping every second with the job names of ``monitor/prometheus.yml``) must show what a
+dashboard user looks for: both peers alive, samples counters rising, the swarm epoch advancing, rounds averaged,
+and peer ids joining the peers' own series to the swarm's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+import yaml
+from processes import METRICS_AT, Coordinator, fetch, free_port, peer, peer_id, printed, spawn, wait_for
+
+from peer.demo import stop_all
+
+pytestmark = pytest.mark.slow
+
+
+class Prometheus:
+    """``prometheus`` scraping ``jobs`` (job name -> list of metrics URLs) every second, its TSDB in ``directory``."""
+
+    def __init__(self, binary: Path, directory: Path, jobs: dict[str, list[str]]):
+        scrape_configs = []
+        for job, urls in jobs.items():
+            parsed = [urllib.parse.urlsplit(url) for url in urls]
+            assert len({part.path for part in parsed}) == 1, "one metrics path per job"
+            targets = [part.netloc for part in parsed]
+            scrape_configs.append(
+                {"job_name": job, "metrics_path": parsed[0].path, "static_configs": [{"targets": targets}]}
+            )
+        config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s"}, "scrape_configs": scrape_configs}
+        directory.mkdir()
+        (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        with (directory / "log.txt").open("w") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(binary),
+                    f"--config.file={directory / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={directory / 'data'}",
+                    f"--web.listen-address={self.url.removeprefix('http://')}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def query(self, expr: str) -> list[tuple[dict[str, str], float]]:
+        """An instant query's result: (labels, value) per series."""
+        answer = json.loads(fetch(f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"))
+        assert answer["status"] == "success", answer
+        return [(series["metric"], float(series["value"][1])) for series in answer["data"]["result"]]
+
+    def by(self, expr: str, label: str) -> dict[str, float]:
+        return {labels[label]: value for labels, value in self.query(expr)}
+
+    def ready(self) -> bool:
+        assert self.process.poll() is None, "prometheus exited"
+        try:
+            return fetch(f"{self.url}/-/ready").startswith("Prometheus")
+        except OSError:
+            return False
+
+
+@pytest.mark.timeout(420)
+def test_prometheus_sees_the_swarm_train(tmp_path: Path, promtool: Path, prometheus_bin: Path):
+    coordinator = Coordinator(tmp_path / "coordinator", free_port(), tmp_path / "coordinator.log")
+    processes: list[subprocess.Popen] = []
+    try:
+        coordinator.start()
+        processes.append(coordinator.process)
+        processes += [peer(index, tmp_path, coordinator, "--metrics-port", "0") for index in (1, 2)]
+        monitor_log = tmp_path / "monitor.log"
+        monitor = ["monitor", "--coordinator", coordinator.url, "--port", "0", "--poll-interval", "1"]
+        processes.append(spawn(monitor, monitor_log))
+
+        logs = [tmp_path / f"peer-{index}" / "log.txt" for index in (1, 2)]
+        peer_urls = [
+            wait_for(f"{log.parent.name}'s metrics URL", lambda log=log: printed(log, METRICS_AT), 90) for log in logs
+        ]
+        monitor_url = wait_for("the monitor's metrics URL", lambda: printed(monitor_log, METRICS_AT), 90)
+        ids = [wait_for("a peer id", lambda index=index: peer_id(tmp_path, index), 30) for index in (1, 2)]
+        jobs = {
+            "vitpeer-coordinator": [f"{coordinator.url}/metrics"],
+            "vitpeer-peer": peer_urls,
+            "vitpeer-monitor": [monitor_url],
+        }
+
+        # every endpoint's exposition is clean by promtool's rules (names, units, help, types)
+        for url in (url for urls in jobs.values() for url in urls):
+            check = subprocess.run(
+                [str(promtool), "check", "metrics"], input=fetch(url), capture_output=True, text=True, timeout=60
+            )
+            assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), (
+                url,
+                check.stdout,
+                check.stderr,
+            )
+
+        prometheus = Prometheus(prometheus_bin, tmp_path / "prometheus", jobs)
+        processes.append(prometheus.process)
+        wait_for("prometheus to be ready", prometheus.ready, 60)
+        wait_for("all four targets up", lambda: sum(value for _, value in prometheus.query("up")) == 4, 60)
+
+        # both peers alive, as the coordinator and the standalone monitor count them from the DHT records
+        for job in ("vitpeer-coordinator", "vitpeer-monitor"):
+            alive = f'vitpeer_swarm_alive_peers{{job="{job}"}}'
+            wait_for(f"{job} to count 2 alive peers", lambda q=alive, j=job: prometheus.by(q, "job") == {j: 2.0}, 90)
+        swarm_peers = prometheus.by('vitpeer_swarm_peer_info{job="vitpeer-coordinator"}', "peer_id")
+        assert set(swarm_peers) == set(ids)
+
+        # the peers' own series carry their ids, so a dashboard joins them to the swarm's per-peer series
+        joined = prometheus.by("vitpeer_samples_total * on(instance) group_left(peer_id) vitpeer_peer_info", "peer_id")
+        assert set(joined) == set(ids) and all(value > 0 for value in joined.values())
+
+        # counters rise and the swarm epoch advances between two looks a few seconds apart
+        samples_before = prometheus.by("vitpeer_samples_total", "instance")
+        epoch_before = prometheus.query('vitpeer_swarm_epoch{job="vitpeer-coordinator"}')[0][1]
+        time.sleep(8)
+        samples_after = prometheus.by("vitpeer_samples_total", "instance")
+        epoch_after = prometheus.query('vitpeer_swarm_epoch{job="vitpeer-coordinator"}')[0][1]
+        assert samples_before.keys() == samples_after.keys() and len(samples_after) == 2
+        assert all(samples_after[peer] > samples_before[peer] for peer in samples_after), (
+            samples_before,
+            samples_after,
+        )
+        assert epoch_after > epoch_before, (epoch_before, epoch_after)
+        rates = prometheus.by("rate(vitpeer_samples_total[5s])", "instance")
+        assert len(rates) == 2 and all(rate > 0 for rate in rates.values()), rates
+
+        # each peer sees the other, averages with it, and says it has no GPU but a busy CPU
+        assert prometheus.by('vitpeer_swarm_peers{job="vitpeer-peer"}', "instance") == dict.fromkeys(samples_after, 2.0)
+        averaged = prometheus.by('vitpeer_averaging_rounds_total{outcome="averaged"}', "instance")
+        assert len(averaged) == 2 and all(count > 0 for count in averaged.values()), averaged
+        durations = prometheus.by("vitpeer_averaging_round_duration_seconds_count", "instance")
+        assert all(count > 0 for count in durations.values())
+        assert prometheus.by('vitpeer_gpus{job="vitpeer-peer"}', "instance") == dict.fromkeys(samples_after, 0.0)
+        cpu = prometheus.by('vitpeer_process_cpu_utilization_ratio{job="vitpeer-peer"}', "instance")
+        assert len(cpu) == 2 and all(0 < share <= 1 for share in cpu.values()), cpu
+        # the coordinator exports the swarm's loss and, once it has written one, its newest checkpoint
+        assert 0 < prometheus.query('vitpeer_swarm_loss{job="vitpeer-coordinator"}')[0][1] < 10
+        checkpoint = wait_for("a checkpoint", lambda: prometheus.query("vitpeer_checkpoint_epoch"), 90)
+        assert checkpoint[0][1] >= 6  # the test coordinator checkpoints every 6 swarm steps
+        taken = prometheus.query("time() - vitpeer_checkpoint_timestamp_seconds")[0][1]
+        assert 0 <= taken < 300, taken
+    finally:
+        stop_all(processes)

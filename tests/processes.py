@@ -1,0 +1,105 @@
+"""Starting real vitpeer processes in tests: coordinators and peers on 127.0.0.1, their logs, their addresses.
+
+Shared by the multi-process tests (``tests/coordinator``, ``tests/monitor``); importable because pytest puts
+``tests/`` (the root conftest's directory) on ``sys.path``. Callers stop what they start with ``peer.demo.stop_all``
+in a ``finally`` block; the session fixture in ``conftest.py`` reaps anything left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CONFIG = "digits_tiny"
+RUN_ID = "vitpeer-digits"  # digits_tiny's run id
+METRICS_AT = r"metrics for Prometheus at (http://\S+)"  # what join and monitor print once their exporter listens
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def spawn(command: list[str], log: Path, **env: str) -> subprocess.Popen:
+    with log.open("a") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "peer.cli", *command],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env},
+        )
+
+
+class Coordinator:
+    """``vitpeer coordinator`` on loopback (DHT at ``dht_port``, HTTP on a free port); checkpoints every 6 steps."""
+
+    def __init__(self, state_dir: Path, dht_port: int, log: Path):
+        self.state_dir, self.dht_port, self.log = state_dir, dht_port, log
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, **env: str) -> None:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        command = ["coordinator", "--config", CONFIG, "--state-dir", str(self.state_dir)]
+        command += ["--host-maddr", f"/ip4/127.0.0.1/tcp/{self.dht_port}", "--http-host", "127.0.0.1"]
+        command += ["--http-port", "0", "--checkpoint-every-steps", "6", "--keep-last", "3", "--download-timeout", "30"]
+        self.process = spawn(command, self.log, **env)
+
+        def url() -> str | None:
+            found = re.search(r"HTTP API at (http://\S+)", self.log.read_text()[offset:])
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            return found.group(1) if found else None
+
+        self.url = wait_for("the coordinator's HTTP address", url, timeout=90)
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(fetch(f"{self.url}/status"))
+
+
+def peer(index: int, tmp_path: Path, coordinator: Coordinator, *extra: str) -> subprocess.Popen:
+    """``vitpeer join --coordinator URL`` writing to ``tmp_path/peer-<index>/``, with ``extra`` flags."""
+    out = tmp_path / f"peer-{index}"
+    out.mkdir(exist_ok=True)
+    command = ["join", "--coordinator", coordinator.url, "--output-dir", str(out), "--max-steps", "10000"]
+    command += ["--host-maddr", "/ip4/127.0.0.1/tcp/0", *extra]
+    return spawn(command, out / "log.txt")
+
+
+def listed(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {report["peer_id"]: report for report in status["peers"]}
+
+
+def printed(log: Path, pattern: str) -> str | None:
+    """The first group of ``pattern`` in a process's log, once it has printed it."""
+    found = re.search(pattern, log.read_text()) if log.is_file() else None
+    return found.group(1) if found else None
+
+
+def peer_id(tmp_path: Path, index: int) -> str | None:
+    """The peer id a running peer printed in its join hint (the /p2p/ part of its address)."""
+    return printed(tmp_path / f"peer-{index}" / "log.txt", r"others join with: .*?/p2p/(\w+)")
