@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 from processes import METRICS_AT, Coordinator, fetch, free_port, peer, peer_id, printed, spawn, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+from test_dashboard import METRICS as DASHBOARD_METRICS
 
 from peer.demo import stop_all
 
@@ -150,5 +152,14 @@ def test_prometheus_sees_the_swarm_train(tmp_path: Path, promtool: Path, prometh
         assert checkpoint[0][1] >= 6  # the test coordinator checkpoints every 6 swarm steps
         taken = prometheus.query("time() - vitpeer_checkpoint_timestamp_seconds")[0][1]
         assert 0 <= taken < 300, taken
+
+        # the real endpoints export every metric the dashboard's contract names (but GPU series: no GPU here)
+        exported = set()
+        for url in (url for urls in jobs.values() for url in urls):
+            exported |= {
+                sample.name for family in text_string_to_metric_families(fetch(url)) for sample in family.samples
+            }
+        gpu_only = {name for name in DASHBOARD_METRICS if name.startswith("vitpeer_gpu_")}
+        assert DASHBOARD_METRICS - gpu_only <= exported, sorted(DASHBOARD_METRICS - gpu_only - exported)
     finally:
         stop_all(processes)
