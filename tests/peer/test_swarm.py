@@ -53,11 +53,17 @@ def test_second_peer_joins_with_the_first_peers_printed_address(tmp_path: Path):
         assert any(row.get("swarm/peers") and float(row["swarm/peers"]) == 2 for row in rows), f"{name} never saw 2"
 
 
-@pytest.mark.timeout(840)
+DEMO_STEPS = 150
+"""The demo's own schedule compressed to half its 300 swarm steps (warm-up + cosine over 150), to keep the suite in
+budget. Measured on this 2-core machine: 150 steps reached 0.944 test accuracy in 277 s; 300 steps 0.955 in 515-600 s.
+"""
+
+
+@pytest.mark.timeout(600)
 def test_two_peer_demo_reaches_90_percent_with_identical_parameters(tmp_path: Path):
-    accuracy = run_demo(2, "digits_tiny", tmp_path)
+    accuracy = run_demo(2, "digits_tiny", tmp_path, max_steps=DEMO_STEPS)
     assert accuracy is not None and accuracy >= 0.90
     states = [torch.load(tmp_path / f"peer-{i}" / "checkpoints" / "last.ckpt", weights_only=False) for i in (1, 2)]
-    assert states[0]["swarm_epoch"] == states[1]["swarm_epoch"] == 300
+    assert states[0]["swarm_epoch"] == states[1]["swarm_epoch"] == DEMO_STEPS
     for name, tensor in states[0]["state_dict"].items():
         torch.testing.assert_close(tensor, states[1]["state_dict"][name], rtol=0, atol=1e-5, msg=name)
