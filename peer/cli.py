@@ -16,6 +16,19 @@ DEFAULT_CONFIG = "digits_tiny"
 OUR_PACKAGES = ("peer", "coordinator", "monitor")  # their log records are our progress lines, on stdout
 
 # command-line option -> dotted config key; a flag left unset keeps the file's (or the default) value
+TRAINING_OPTIONS: dict[str, str] = {  # what join and train share
+    "batch_size": "data.batch_size",
+    "data_dir": "data.data_dir",
+    "download": "data.download",
+    "model": "model.name",
+    "pretrained": "model.pretrained",
+    "max_steps": "trainer.max_steps",
+    "precision": "trainer.precision",
+    "accelerator": "trainer.accelerator",
+    "output_dir": "trainer.output_dir",
+    "resume": "trainer.resume",
+    "seed": "trainer.seed",
+}
 JOIN_OPTIONS: dict[str, str] = {
     "initial_peers": "swarm.initial_peers",
     "run_id": "swarm.run_id",
@@ -32,20 +45,38 @@ JOIN_OPTIONS: dict[str, str] = {
     "compression": "swarm.compression",
     "local_updates": "swarm.local_updates",
     "overlap": "swarm.overlap",
-    "batch_size": "data.batch_size",
-    "data_dir": "data.data_dir",
-    "download": "data.download",
-    "model": "model.name",
-    "pretrained": "model.pretrained",
-    "max_steps": "trainer.max_steps",
-    "precision": "trainer.precision",
-    "accelerator": "trainer.accelerator",
-    "output_dir": "trainer.output_dir",
-    "resume": "trainer.resume",
-    "seed": "trainer.seed",
+    **TRAINING_OPTIONS,
     "metrics_port": "monitor.port",
     "metrics_addr": "monitor.addr",
 }
+TRAIN_OPTIONS: dict[str, str] = {
+    **TRAINING_OPTIONS,
+    "strategy": "parallel.strategy",
+    "devices": "parallel.devices",
+    "num_nodes": "parallel.num_nodes",
+    "fsdp_sharding": "parallel.fsdp_sharding",
+    "fsdp_min_params": "parallel.fsdp_min_params",
+}
+
+
+def training_options(command):
+    """The model, data and trainer flags ``join`` and ``train`` share (``TRAINING_OPTIONS``)."""
+    options = [
+        click.option("--batch-size", type=int, help="Samples per local step (per device)."),
+        click.option("--max-steps", type=int, help="Optimizer steps to train (in a swarm: swarm steps)."),
+        click.option("--model", help="timm model name, e.g. vit_base_patch32_224."),
+        click.option("--pretrained/--no-pretrained", default=None, help="Start from the hub's weights (downloads)."),
+        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Local data directory."),
+        click.option("--download/--no-download", default=None, help="Allow downloading the data set."),
+        click.option("--precision", type=click.Choice(["32", "16-mixed", "bf16-mixed"]), help="Numerics."),
+        click.option("--accelerator", type=click.Choice(["auto", "cpu", "gpu"]), help="Device."),
+        click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory."),
+        click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), help="Lightning checkpoint."),
+        click.option("--seed", type=int, help="Seed of model initialisation (and of data order, outside a swarm)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def setup_logging(verbose: bool) -> None:
@@ -158,23 +189,13 @@ def main() -> None:
 @click.option("--client-mode/--no-client-mode", default=None, help="Accept no incoming connections (firewalled).")
 @click.option("--auto-relay/--no-auto-relay", default=None, help="Be reachable through relays (behind NAT).")
 @click.option("--target-batch-size", type=int, help="Samples the swarm gathers per optimizer step.")
-@click.option("--batch-size", type=int, help="Samples per local step on this peer.")
-@click.option("--max-steps", type=int, help="Swarm steps to train.")
 @click.option("--matchmaking-time", type=float, help="Seconds to gather an averaging group.")
 @click.option("--averaging-timeout", type=float, help="Seconds before an averaging round is given up.")
 @click.option("--load-state-timeout", type=float, help="Deadline for downloading the swarm's state.")
 @click.option("--compression", type=click.Choice(["none", "fp16", "8bit"]), help="Gradient compression.")
 @click.option("--local-updates/--no-local-updates", default=None, help="Step locally, average parameters only.")
 @click.option("--overlap/--no-overlap", default=None, help="Average in the background while computing.")
-@click.option("--model", help="timm model name, e.g. vit_base_patch32_224.")
-@click.option("--pretrained/--no-pretrained", default=None, help="Start from the hub's weights (downloads).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Local data directory.")
-@click.option("--download/--no-download", default=None, help="Allow downloading the data set.")
-@click.option("--precision", type=click.Choice(["32", "16-mixed", "bf16-mixed"]), help="Numerics.")
-@click.option("--accelerator", type=click.Choice(["auto", "cpu", "gpu"]), help="Device.")
-@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
-@click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), help="Lightning checkpoint to resume.")
-@click.option("--seed", type=int, help="Seed of model initialisation (data order differs per peer anyway).")
+@training_options
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port (0: any). [default: off]")
 @click.option("--metrics-addr", help="Interface of the metrics endpoint. [default: 127.0.0.1]")
 @click.option("-v", "--verbose", is_flag=True, help="Show hivemind's and Lightning's own logs.")
@@ -235,6 +256,34 @@ def coordinator(config_file: str | None, run_id: str | None, verbose: bool, **op
 
     try:
         run_coordinator(config, coord)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+
+
+@main.command()
+@click.option("--config", "config_file", metavar="FILE", help=f"Experiment YAML. [default: {DEFAULT_CONFIG}]")
+@click.option("--strategy", type=click.Choice(["single", "ddp", "fsdp"]), help="How ranks share the work.")
+@click.option("--devices", type=int, help="Processes (devices) per node.")
+@click.option("--num-nodes", type=int, help="Nodes, each started with this command.")
+@click.option("--fsdp-sharding", type=click.Choice(["full_shard", "shard_grad_op"]), help="FSDP resharding.")
+@click.option("--fsdp-min-params", type=int, help="FSDP auto-wrap: parameters per unit at least.")
+@training_options
+@click.option("-v", "--verbose", is_flag=True, help="Show Lightning's own logs.")
+def train(config_file: str | None, verbose: bool, **options: Any) -> None:
+    """Train without a swarm: one device, or DDP / FSDP over the devices of one or more nodes.
+
+    \b
+    Example, 2 GPUs with FSDP:  vitpeer train --config cifar10_vit_b32_fsdp --devices 2
+    Example, 2 nodes with DDP, on node i (0, 1):
+      MASTER_ADDR=node0 MASTER_PORT=29500 NODE_RANK=i vitpeer train --config cifar10_vit_b32_ddp --num-nodes 2
+    Example, torchrun:          torchrun --nproc-per-node 8 -m peer.cli train --config imagenet_vit_l16_fsdp --devices 8
+    """
+    setup_logging(verbose)
+    config = build_config(config_file, options, TRAIN_OPTIONS)
+    from peer.train import run_train
+
+    try:
+        run_train(config)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
 

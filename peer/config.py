@@ -182,6 +182,32 @@ class TrainerConfig(Section):
     """Lightning checkpoint to resume from (its hivemind epoch is restored too)."""
 
 
+class ParallelConfig(Section):
+    strategy: Literal["single", "ddp", "fsdp"] = "single"
+    """How this host's devices (and, in ``vitpeer train``, nodes) share the work: ``single`` one device; ``ddp``
+    every rank holds the model and gradients are all-reduced; ``fsdp`` parameters, gradients and optimizer state are
+    sharded across ranks with FSDP2 ``fully_shard`` (ZeRO-3 style), gathered layer by layer when needed."""
+    devices: int = Field(default=1, gt=0)
+    """Processes (GPUs, or CPU processes with gloo) per node."""
+    num_nodes: int = Field(default=1, gt=0)
+    """Nodes of a ``vitpeer train`` run, each started with the same command (torchrun, MASTER_ADDR/NODE_RANK, srun)."""
+    fsdp_sharding: Literal["full_shard", "shard_grad_op"] = "full_shard"
+    """``full_shard`` frees each unit's gathered parameters after forward (least memory, ZeRO-3);
+    ``shard_grad_op`` keeps them until backward (one all-gather fewer per step, more memory, ZeRO-2 style)."""
+    fsdp_min_params: int = Field(default=5_000_000, gt=0)
+    """Auto-wrap: every submodule holding at least this many parameters not already in a smaller unit becomes its own
+    FSDP unit (gathered and freed on its own). 5M makes each ViT-B block a unit (7.1M; its linears are below 2.4M)."""
+
+    @model_validator(mode="after")
+    def _one_process_is_single(self) -> ParallelConfig:
+        if self.strategy == "single" and self.devices * self.num_nodes > 1:
+            raise ValueError(
+                f"parallel.strategy = 'single' runs one process, but devices={self.devices} and "
+                f"num_nodes={self.num_nodes}; choose 'ddp' or 'fsdp' for several"
+            )
+        return self
+
+
 class MonitorConfig(Section):
     port: int | None = Field(default=None, ge=0, le=65535)
     """Serve Prometheus metrics (GPU, training, averaging) on this port; 0 picks a free one (printed at start);
@@ -198,6 +224,7 @@ class RunConfig(Section):
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
@@ -213,7 +240,8 @@ class RunConfig(Section):
         host_specific |= {"identity_path", "client_mode", "use_auto_relay"}
         swarm = SwarmConfig(**self.swarm.model_dump(exclude=host_specific))
         trainer = TrainerConfig(**self.trainer.model_dump(exclude={"output_dir", "resume", "accelerator"}))
-        return self.model_copy(update={"swarm": swarm, "trainer": trainer, "monitor": MonitorConfig()})
+        local = {"monitor": MonitorConfig(), "parallel": ParallelConfig()}  # this host's exporter and devices
+        return self.model_copy(update={"swarm": swarm, "trainer": trainer, **local})
 
 
 def resolve_config_path(name: str | Path) -> Path:

@@ -6,7 +6,9 @@ The network is built by ``build_model`` (timm by name) and injected, so the modu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytorch_lightning as pl
 import timm
@@ -14,6 +16,7 @@ import timm.data
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torchmetrics.classification import MulticlassAccuracy
 
 from peer.config import ModelConfig, OptimConfig
@@ -73,15 +76,28 @@ class WarmupCosine:
 class ImageClassifier(pl.LightningModule):
     """Cross-entropy classification with accuracy metrics; logs ``train/*``, ``val/*``, ``test/*``."""
 
-    def __init__(self, net: nn.Module, num_classes: int, optim: OptimConfig, max_steps: int):
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        optim: OptimConfig,
+        max_steps: int,
+        shard: Callable[[nn.Module, DeviceMesh], Any] | None = None,
+    ):
         super().__init__()
         self.net = net
         self.optim = optim
         self.max_steps = max_steps
+        self.shard = shard  # FSDP: how to shard ``net`` over the data-parallel ranks (``peer.parallel.shard_model``)
         # micro: correct / seen, the top-1 accuracy people quote (torchmetrics' default, macro, averages per class)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def configure_model(self) -> None:
+        """Under FSDP, shard the network over the ranks once the process group exists; otherwise nothing to do."""
+        if self.shard is not None:
+            self.shard(self.net, self.device_mesh["data_parallel"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -99,7 +115,7 @@ class ImageClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         metric(logits, labels)
-        self.log(f"{split}/loss", F.cross_entropy(logits, labels), prog_bar=True)
+        self.log(f"{split}/loss", F.cross_entropy(logits, labels), prog_bar=True, sync_dist=True)  # mean of all ranks
         self.log(f"{split}/acc", metric, prog_bar=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

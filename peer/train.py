@@ -1,0 +1,174 @@
+"""``vitpeer train``: the same experiments without a swarm, on one device, or with DDP or FSDP over nodes.
+
+The command is started once per node and Lightning finds its place in the cluster from the environment:
+
+- ``torchrun --nnodes M --nproc-per-node N -m peer.cli train ...``: torchrun's variables, one process per device;
+- ``MASTER_ADDR=host0 MASTER_PORT=29500 NODE_RANK=i vitpeer train --devices N --num-nodes M``: Lightning starts the
+  node's N processes itself;
+- ``srun`` under Slurm (``--ntasks-per-node N``): Slurm's variables.
+
+One run, top to bottom: model and data -> ``pl.Trainer`` with the parallel strategy (``peer.parallel``) -> fit ->
+validate and test -> the final weights (``model.safetensors``, written by every node's first process, so each node
+keeps its copy) and ``all_results.json`` (global rank 0) with the numbers that compare DDP and FSDP side by side:
+epoch time, samples/s, peak GPU memory allocated and reserved, accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import partial
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.strategies import ModelParallelStrategy
+from pytorch_lightning.utilities.data import extract_batch_size
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from peer.config import ParallelConfig, RunConfig
+from peer.data import VisionDataModule, num_classes
+from peer.module import ImageClassifier, build_model, image_config
+from peer.parallel import lightning_strategy, shard_model
+
+log = logging.getLogger(__name__)
+
+
+class RunStats(pl.Callback):
+    """This rank's training time, epoch times and samples; ``summary`` combines all ranks."""
+
+    def __init__(self):
+        self.samples, self.runtime, self.epochs = 0, 0.0, []  # epochs: (seconds, batches) per training epoch
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+        self.started = time.monotonic()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_started, self.epoch_batches = time.monotonic(), 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        self.samples += extract_batch_size(batch)
+        self.epoch_batches += 1
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epochs.append((time.monotonic() - self.epoch_started, self.epoch_batches))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.runtime = time.monotonic() - self.started
+
+    def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Every rank calls this (it reduces over all of them)."""
+        strategy, device = trainer.strategy, trainer.strategy.root_device
+        samples = int(strategy.reduce(torch.tensor(float(self.samples), device=device), reduce_op="sum"))
+        runtime = float(strategy.reduce(torch.tensor(self.runtime, device=device), reduce_op="max"))
+        full = trainer.num_training_batches
+        complete = [seconds for seconds, batches in self.epochs if batches == full]  # max_steps may cut the last
+        memory: dict[str, int | None] = {"peak_memory_allocated_bytes": None, "peak_memory_reserved_bytes": None}
+        if device.type == "cuda":
+            for key, value in (
+                ("peak_memory_allocated_bytes", torch.cuda.max_memory_allocated(device)),
+                ("peak_memory_reserved_bytes", torch.cuda.max_memory_reserved(device)),
+            ):
+                memory[key] = int(strategy.reduce(torch.tensor(float(value), device=device), reduce_op="max"))
+        return {
+            "train_samples": samples,
+            "train_runtime": round(runtime, 3),
+            "train_samples_per_second": round(samples / runtime, 2) if runtime else None,
+            "epoch_time_seconds": round(sum(complete) / len(complete), 3) if complete else None,
+            "epochs_completed": len(complete),
+            **memory,
+        }
+
+
+def save_final_weights(trainer: pl.Trainer, module: ImageClassifier, path) -> None:
+    """The trained network's full state dict as safetensors: under FSDP gathered to global rank 0 (every rank takes
+    part), otherwise written by each node's first process from its own replica."""
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        state = get_model_state_dict(module.net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        writer = trainer.is_global_zero
+    else:
+        state, writer = module.net.state_dict(), trainer.local_rank == 0
+    if writer:
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}, str(path))
+
+
+def _shard(net: torch.nn.Module, mesh, parallel: ParallelConfig) -> None:
+    reshard = parallel.fsdp_sharding == "full_shard"
+    units = shard_model(net, mesh, parallel.fsdp_min_params, reshard_after_forward=reshard)
+    if units and torch.distributed.get_rank() == 0:
+        log.info("FSDP: %d units (%s) sharded over %d ranks", units, parallel.fsdp_sharding, mesh.size())
+
+
+def run_train(config: RunConfig) -> dict[str, Any] | None:
+    """Train ``trainer.max_steps`` optimizer steps, validate, test, save; return the results on global rank 0."""
+    out, parallel = config.trainer.output_dir, config.parallel
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(config.trainer.seed, workers=True, verbose=False)  # same initial weights on every rank
+
+    classes = num_classes(config.data)
+    net = build_model(config.model, classes)
+    data = VisionDataModule(config.data, image_config(net, config.model), order_seed=config.trainer.seed)
+    shard = partial(_shard, parallel=parallel) if parallel.strategy == "fsdp" else None
+    module = ImageClassifier(net, classes, config.optim, config.trainer.max_steps, shard=shard)
+    stats = RunStats()
+    trainer = pl.Trainer(
+        strategy=lightning_strategy(parallel),
+        accelerator=config.trainer.accelerator,
+        devices=parallel.devices,
+        num_nodes=parallel.num_nodes,
+        precision=config.trainer.precision,
+        max_steps=config.trainer.max_steps,
+        max_epochs=-1,
+        check_val_every_n_epoch=config.trainer.val_every_n_epochs,
+        log_every_n_steps=config.trainer.log_every_n_steps,
+        gradient_clip_val=config.trainer.grad_clip,
+        logger=CSVLogger(out, name="", version=""),
+        callbacks=[ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0), stats],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    if trainer.is_global_zero:
+        config.save(out / "config.yaml")
+        log.info(
+            "training %s with %s on %d process(es) (%d node(s) x %d)",
+            config.model.name,
+            parallel.strategy,
+            trainer.world_size,
+            parallel.num_nodes,
+            parallel.devices,
+        )
+    trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume)
+    summary = stats.summary(trainer)
+    validated = trainer.validate(module, datamodule=data, verbose=False)[0]
+    tested = trainer.test(module, datamodule=data, verbose=False)[0]
+    save_final_weights(trainer, module, out / "model.safetensors")
+    if not trainer.is_global_zero:
+        return None
+    results = {
+        "strategy": parallel.strategy,
+        "world_size": trainer.world_size,
+        "num_nodes": parallel.num_nodes,
+        "devices": parallel.devices,
+        "precision": config.trainer.precision,
+        "global_step": trainer.global_step,
+        **summary,
+        "eval_loss": validated["val/loss"],
+        "eval_accuracy": validated["val/acc"],
+        "test_loss": tested["test/loss"],
+        "test_accuracy": tested["test/acc"],
+    }
+    (out / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    log.info(
+        "test accuracy %.4f after %d steps; %.0f samples/s",
+        results["test_accuracy"],
+        results["global_step"],
+        results["train_samples_per_second"] or 0,
+    )
+    return results
