@@ -14,6 +14,7 @@ SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 def test_the_required_configs_ship():
     names = {path.stem for path in SHIPPED}
     assert {"digits_tiny", "cifar10_vit_b32_hivemind", "beans_vit_b16"} <= names
+    assert {"cifar10_vit_b32_ddp", "cifar10_vit_b32_fsdp", "imagenet_vit_l16_ddp", "imagenet_vit_l16_fsdp"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.stem)
@@ -28,6 +29,27 @@ def test_reference_experiment_values():
     assert cifar.data.source == "cifar10"
     assert cifar.data.batch_size == 320
     assert cifar.swarm.target_batch_size == 640
+    for strategy in ("ddp", "fsdp"):  # lightning-hydra-timm: 4 nodes x 1 GPU x 320 images
+        run = load_config(f"cifar10_vit_b32_{strategy}")
+        assert (run.model.name, run.parallel.strategy, run.parallel.num_nodes, run.data.batch_size) == (
+            "vit_base_patch32_224",
+            strategy,
+            4,
+            320,
+        )
+        large = load_config(f"imagenet_vit_l16_{strategy}")  # the DDP vs ZeRO-3 comparison: 4 GPUs x 64 images
+        assert (large.model.name, large.data.source, large.parallel.strategy, large.parallel.devices) == (
+            "vit_large_patch16_224",
+            "imagefolder",
+            strategy,
+            4,
+        )
+        assert large.data.batch_size == 64 and large.optim.weight_decay == 0.01
+
+
+def test_single_strategy_with_several_processes_is_refused():
+    with pytest.raises(ConfigError, match="parallel.strategy = 'single' runs one process"):
+        load_config("digits_tiny", {"parallel.devices": 2})
 
 
 def test_command_line_overrides_file_and_file_overrides_defaults():
