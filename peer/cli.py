@@ -48,6 +48,8 @@ JOIN_OPTIONS: dict[str, str] = {
     **TRAINING_OPTIONS,
     "metrics_port": "monitor.port",
     "metrics_addr": "monitor.addr",
+    "local_strategy": "parallel.strategy",
+    "devices": "parallel.devices",
 }
 TRAIN_OPTIONS: dict[str, str] = {
     **TRAINING_OPTIONS,
@@ -195,6 +197,10 @@ def main() -> None:
 @click.option("--compression", type=click.Choice(["none", "fp16", "8bit"]), help="Gradient compression.")
 @click.option("--local-updates/--no-local-updates", default=None, help="Step locally, average parameters only.")
 @click.option("--overlap/--no-overlap", default=None, help="Average in the background while computing.")
+@click.option(
+    "--local-strategy", type=click.Choice(["single", "ddp", "fsdp"]), help="Several devices as one peer: ddp."
+)
+@click.option("--devices", type=int, help="Devices (processes) of this host in the peer. [default: 1]")
 @training_options
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port (0: any). [default: off]")
 @click.option("--metrics-addr", help="Interface of the metrics endpoint. [default: 127.0.0.1]")

@@ -27,7 +27,7 @@ import torch
 import torchvision
 from PIL import Image
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from peer.config import DataConfig
@@ -480,9 +480,19 @@ class VisionDataModule(pl.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled in this peer's order (seeded with ``order_seed``); incomplete last batches are dropped."""
+        """Shuffled in this peer's order (seeded with ``order_seed``); incomplete last batches are dropped.
+
+        With several ranks each takes its own part of that order (a ``DistributedSampler`` with this seed, which
+        Lightning keeps; its own would use the run seed, the same on every peer)."""
+        split = self._split("train")
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(
+                split, trainer.world_size, trainer.global_rank, shuffle=True, seed=self.order_seed, drop_last=True
+            )
+            return self._loader(split, self.config.batch_size, shuffle=False, sampler=sampler, drop_last=True)
         generator = torch.Generator().manual_seed(self.order_seed)
-        return self._loader(self._split("train"), self.config.batch_size, shuffle=True, generator=generator)
+        return self._loader(split, self.config.batch_size, shuffle=True, generator=generator)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._split("val"), self._eval_batch_size(), shuffle=False)
@@ -500,14 +510,21 @@ class VisionDataModule(pl.LightningDataModule):
         return split
 
     def _loader(
-        self, split: ImageSplit, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
+        self,
+        split: ImageSplit,
+        batch_size: int,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        sampler: DistributedSampler | None = None,
+        drop_last: bool | None = None,
     ) -> DataLoader:
         workers = self.config.num_workers
         return DataLoader(
             split,
             batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=shuffle,
+            sampler=sampler,
+            drop_last=shuffle if drop_last is None else drop_last,
             generator=generator,
             num_workers=workers,
             persistent_workers=workers > 0,

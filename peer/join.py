@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from typing import Any
 
+import hivemind
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -18,7 +21,7 @@ from peer.config import RunConfig
 from peer.data import VisionDataModule, num_classes
 from peer.module import ImageClassifier, build_model, image_config
 from peer.report import SwarmReporter
-from peer.strategy import HivemindStrategy
+from peer.strategy import HivemindDDPStrategy, HivemindStrategy, SwarmEvents, _SwarmSteps
 from peer.swarm import data_order_seed, join_hint, reachable_maddrs, start_dht
 
 log = logging.getLogger(__name__)
@@ -33,42 +36,73 @@ def pick_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
-def run_join(config: RunConfig) -> dict[str, Any]:
-    """Join (or start) the swarm, train until ``trainer.max_steps`` swarm steps, test, write results; return them."""
+ORDER_SEED_ENV = "VITPEER_DATA_ORDER_SEED"
+"""The leader's data-order seed, passed to the local ranks Lightning starts (they inherit the environment)."""
+
+
+def make_strategy(config: RunConfig, dht: hivemind.DHT | None, events: SwarmEvents | None) -> _SwarmSteps:
+    """One device, or this host's ``parallel.devices`` as one peer (DDP inside the host)."""
+    parallel = config.parallel
+    if parallel.num_nodes != 1:
+        raise ValueError(f"parallel.num_nodes = {parallel.num_nodes}: a peer is one host; start a peer on each node")
+    if parallel.strategy == "fsdp":
+        raise ValueError(
+            "parallel.strategy = 'fsdp' is not available in a swarm yet; use 'ddp' (vitpeer train has fsdp)"
+        )
+    if parallel.strategy == "ddp":
+        return HivemindDDPStrategy(config.swarm, dht, events=events)
+    return HivemindStrategy(config.swarm, dht, device=pick_device(config.trainer.accelerator), events=events)
+
+
+def run_join(config: RunConfig) -> dict[str, Any] | None:
+    """Join (or start) the swarm, train until ``trainer.max_steps`` swarm steps, test, write results; return them.
+
+    With ``parallel.strategy = 'ddp'`` Lightning starts local ranks 1..N-1 by running this same command again
+    (``LOCAL_RANK`` set): they follow the leader (see ``peer.strategy._SwarmSteps``) and touch neither the DHT nor
+    the output files. They return None."""
+    leader = os.environ.get("LOCAL_RANK", "0") == "0"
     out = config.trainer.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / "config.yaml")
+    if leader:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(out / "config.yaml")
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)  # same initial weights on every peer
 
-    dht = start_dht(config.swarm)
+    dht = start_dht(config.swarm) if leader else None
     metrics_server = None
     try:
-        maddrs = reachable_maddrs(dht, config.swarm)
-        if config.swarm.initial_peers:
-            log.info("joined swarm %r through %d initial peer(s)", config.swarm.run_id, len(config.swarm.initial_peers))
-        else:
-            log.info("started a new swarm %r", config.swarm.run_id)
-        log.info("others join with: %s", join_hint(maddrs, config.swarm.run_id))
-        (out / "initial_peers.txt").write_text("\n".join(maddrs) + "\n")
+        if dht is not None:
+            maddrs = reachable_maddrs(dht, config.swarm)
+            if config.swarm.initial_peers:
+                count = len(config.swarm.initial_peers)
+                log.info("joined swarm %r through %d initial peer(s)", config.swarm.run_id, count)
+            else:
+                log.info("started a new swarm %r", config.swarm.run_id)
+            log.info("others join with: %s", join_hint(maddrs, config.swarm.run_id))
+            (out / "initial_peers.txt").write_text("\n".join(maddrs) + "\n")
+            os.environ[ORDER_SEED_ENV] = str(data_order_seed(dht, config.trainer.seed))
 
         classes = num_classes(config.data)
         net = build_model(config.model, classes)
         data = VisionDataModule(
-            config.data, image_config(net, config.model), order_seed=data_order_seed(dht, config.trainer.seed)
+            config.data, image_config(net, config.model), order_seed=int(os.environ[ORDER_SEED_ENV])
         )
         module = ImageClassifier(net, classes, config.optim, config.trainer.max_steps)
 
-        exporter = PeerExporter() if config.monitor.port is not None else None
-        strategy = HivemindStrategy(config.swarm, dht, device=pick_device(config.trainer.accelerator), events=exporter)
-        reporter = SwarmReporter(dht, config.swarm.run_id)  # this peer's signed metrics record, once per swarm step
+        exporter = PeerExporter() if dht is not None and config.monitor.port is not None else None
+        strategy = make_strategy(config, dht, exporter)
+        callbacks: list[pl.Callback] = [ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0)]
+        reporter = None
+        if dht is not None:
+            reporter = SwarmReporter(dht, config.swarm.run_id)  # this peer's signed metrics record, once per swarm step
+            callbacks.append(reporter)
         if exporter is not None:
             exporter.watch(dht.peer_id.to_base58(), config.swarm.run_id, strategy, reporter)
             metrics_server = MetricsServer(exporter.registry, config.monitor.addr, config.monitor.port)
             log.info("metrics for Prometheus at %s", metrics_server.url)
         trainer = pl.Trainer(
             strategy=strategy,
-            accelerator="gpu" if strategy.root_device.type == "cuda" else "cpu",
-            devices=1,
+            accelerator=accelerator(config),
+            devices=config.parallel.devices,
             precision=config.trainer.precision,
             max_steps=config.trainer.max_steps,
             max_epochs=-1,
@@ -76,10 +110,7 @@ def run_join(config: RunConfig) -> dict[str, Any]:
             log_every_n_steps=config.trainer.log_every_n_steps,
             gradient_clip_val=config.trainer.grad_clip,
             logger=CSVLogger(out, name="", version=""),
-            callbacks=[
-                ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0),
-                reporter,
-            ],
+            callbacks=callbacks,
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
@@ -89,12 +120,19 @@ def run_join(config: RunConfig) -> dict[str, Any]:
         train_seconds = time.monotonic() - started
         swarm_epoch = trainer.global_step
         tested = trainer.test(module, datamodule=data, verbose=False)[0]
+        if trainer.world_size > 1:  # each rank says what it holds: the ranks must agree, bit for bit
+            log.info("local rank %d of %d: parameters sha256 %s", trainer.local_rank, trainer.world_size, digest(net))
+        if reporter is None:
+            return None
         results = {
             "swarm_epoch": swarm_epoch,
             "train_runtime": round(train_seconds, 2),
             "test_loss": tested["test/loss"],
             "test_accuracy": tested["test/acc"],
             "peer_id": dht.peer_id.to_base58(),
+            "local_ranks": trainer.world_size,
+            "samples_contributed": reporter.samples,
+            "local_steps": reporter.mini_steps,
         }
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         log.info(
@@ -104,4 +142,20 @@ def run_join(config: RunConfig) -> dict[str, Any]:
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
-        dht.shutdown()
+        if dht is not None:
+            dht.shutdown()
+
+
+def accelerator(config: RunConfig) -> str:
+    """Lightning's accelerator name: a single device as ``pick_device`` chose it; DDP ranks on GPUs when there are."""
+    if config.parallel.strategy == "single":
+        return "gpu" if pick_device(config.trainer.accelerator).type == "cuda" else "cpu"
+    return config.trainer.accelerator
+
+
+def digest(net: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer, in order: equal digests, identical replicas."""
+    hasher = hashlib.sha256()
+    for tensor in net.state_dict().values():
+        hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()[:16]

@@ -143,7 +143,7 @@ class SwarmReporter(pl.Callback):
         self.last: dict[str, Any] | None = None  # the newest published report (the Prometheus exporter reads it)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
-        size = extract_batch_size(batch)
+        size = extract_batch_size(batch) * trainer.world_size  # with local DDP ranks, the peer's samples: all ranks'
         loss = float(outputs["loss"]) if isinstance(outputs, dict) else float("nan")
         self.samples += size
         self.mini_steps += 1

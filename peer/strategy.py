@@ -25,7 +25,7 @@ import hivemind
 import pytorch_lightning as pl
 import torch
 from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
-from pytorch_lightning.strategies import SingleDeviceStrategy
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.data import extract_batch_size
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -153,26 +153,55 @@ def factory_form(optimizer: torch.optim.Optimizer, scheduler: Any | None) -> tup
     )
 
 
-class HivemindStrategy(SingleDeviceStrategy):
-    """One hivemind peer on one device. ``dht`` is a started ``hivemind.DHT`` (see ``peer.swarm.start_dht``)."""
+class _FollowerOptimizer(torch.optim.Optimizer):
+    """A following rank's optimizer: it runs the closure (forward, backward, and DDP's all-reduce in backward) and
+    changes nothing. The leader's hivemind step moves the parameters; the broadcast after it reaches this rank."""
 
-    strategy_name = "hivemind"
+    def __init__(self, param_groups: list[dict]):
+        super().__init__([{"params": group["params"]} for group in param_groups], {})
 
-    def __init__(
-        self,
-        swarm: SwarmConfig,
-        dht: hivemind.DHT,
-        device: torch.device | str = "cpu",
-        events: SwarmEvents | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__(device=torch.device(device), **kwargs)
+    def step(self, closure=None, **_: Any):
+        with torch.enable_grad():
+            return closure() if closure is not None else None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass  # a checkpoint's optimizer state belongs to the leader's swarm optimizer
+
+
+class _SwarmSteps:
+    """The swarm logic of ``HivemindStrategy`` (one device) and ``HivemindDDPStrategy`` (N local ranks, one peer).
+
+    Local rank 0, the *leader*, holds the ``SwarmOptimizer`` and talks to the swarm. With several local ranks, why
+    every rank ends each step with the leader's parameters:
+
+    1. The closure runs on every rank; DDP's backward all-reduces the gradients, so every rank's ``.grad`` is the
+       mean over all ranks' samples.
+    2. Only the leader hands them to hivemind, with ``batch_size`` = samples of all ranks: the swarm sees one peer
+       contributing N x batch per local step. Followers step nothing (``_FollowerOptimizer``).
+    3. After every local step the leader broadcasts its swarm epoch; when it changed (a swarm step, or a state
+       download) it broadcasts all parameters and buffers too. Between those events no rank changes a parameter,
+       so all ranks hold identical full parameters at all times, equal to the leader's.
+    4. Every rank sets Lightning's step counter from that broadcast epoch, so all stop together at ``max_steps``
+       and none waits alone in a collective.
+    """
+
+    def _init_swarm(self, swarm: SwarmConfig, dht: hivemind.DHT | None, events: SwarmEvents | None) -> None:
         self.swarm, self.dht, self.events = swarm, dht, events
         self._batch_size: int | None = None
+        self._followed_epoch = -1
+
+    @property
+    def leader(self) -> bool:
+        return self.local_rank == 0
 
     @property
     def optimizer(self) -> SwarmOptimizer:
         return self.optimizers[0]
+
+    @property
+    def swarm_epoch(self) -> int:
+        """The swarm step this rank is at: the leader's optimizer's, as last broadcast to followers."""
+        return self.optimizer.local_epoch if self.leader else self._followed_epoch
 
     def setup(self, trainer: pl.Trainer) -> None:
         if trainer.precision == "16-mixed":
@@ -180,9 +209,17 @@ class HivemindStrategy(SingleDeviceStrategy):
                 "precision '16-mixed' is not supported in a swarm: its loss scaling would have to run inside "
                 "hivemind's delayed steps. Use 'bf16-mixed' (CPUs, Ampere and newer GPUs) or '32'."
             )
+        if self.world_size > 1 and self.swarm.overlap:
+            raise ValueError(
+                "swarm.overlap applies parameter updates in the background, after the step the other local ranks "
+                "follow; use it with one device per peer (parallel.strategy = 'single')"
+            )
         super().setup(trainer)
         if trainer.state.fn == "fit":
-            self.optimizers = [self._make_swarm_optimizer(trainer)]
+            if self.leader:
+                self.optimizers = [self._make_swarm_optimizer(trainer)]
+            else:
+                self.optimizers = [_FollowerOptimizer(self.optimizers[0].param_groups)]
             self.lr_scheduler_configs = []  # hivemind steps the scheduler once per swarm step, Lightning must not
             trainer.callbacks.append(_SwarmProgress())
 
@@ -219,8 +256,9 @@ class HivemindStrategy(SingleDeviceStrategy):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        if self.swarm.initial_peers:
+        if self.leader and self.swarm.initial_peers:
             self.load_state_from_peers()
+        self._follow_leader(force=True)
 
     def load_state_from_peers(self) -> bool:
         """Download the swarm's current state within ``load_state_timeout``; True if it moved this peer forward."""
@@ -237,23 +275,68 @@ class HivemindStrategy(SingleDeviceStrategy):
         super().on_train_batch_start(batch, batch_idx)
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any):
-        # the real size of this local batch: hivemind counts samples, not steps, toward target_batch_size
-        kwargs["batch_size"] = self._batch_size
-        return super().optimizer_step(optimizer, closure, model, **kwargs)
+        # hivemind counts samples, not steps, toward target_batch_size: this local step's samples on all ranks
+        kwargs["batch_size"] = self._batch_size * self.world_size
+        result = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._follow_leader()
+        return result
+
+    def _follow_leader(self, force: bool = False) -> None:
+        """Every rank: take the leader's swarm epoch and, when it changed (or ``force``), its parameters."""
+        if self.world_size == 1:
+            self._followed_epoch = self.optimizer.local_epoch
+            return
+        epoch = torch.tensor([self.optimizer.local_epoch if self.leader else 0], device=self.root_device)
+        torch.distributed.broadcast(epoch, src=0)
+        if force or int(epoch) != self._followed_epoch:
+            module = self.lightning_module
+            with torch.no_grad():
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    torch.distributed.broadcast(tensor.data, src=0)
+        self._followed_epoch = int(epoch)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
-        checkpoint["swarm_epoch"] = self.optimizer.local_epoch  # also inside the optimizer state; here for readers
+        checkpoint["swarm_epoch"] = self.swarm_epoch  # also inside the optimizer state; here for readers
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def on_train_end(self) -> None:
-        # apply a background optimizer step still in flight, so the saved/tested weights include it
-        self.optimizer.state_averager.step(wait_for_delayed_updates=True)
+        if self.leader:  # apply a background optimizer step still in flight, so saved/tested weights include it
+            self.optimizer.state_averager.step(wait_for_delayed_updates=True)
+        self._follow_leader(force=True)
         super().on_train_end()
 
     def teardown(self) -> None:
         if self.optimizers and isinstance(self.optimizers[0], SwarmOptimizer) and self.optimizers[0].is_alive():
             self.optimizers[0].shutdown()  # teardown runs after fit and again after test
         super().teardown()
+
+
+class HivemindStrategy(_SwarmSteps, SingleDeviceStrategy):
+    """One hivemind peer on one device. ``dht`` is a started ``hivemind.DHT`` (see ``peer.swarm.start_dht``)."""
+
+    strategy_name = "hivemind"
+
+    def __init__(
+        self,
+        swarm: SwarmConfig,
+        dht: hivemind.DHT,
+        device: torch.device | str = "cpu",
+        events: SwarmEvents | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(device=torch.device(device), **kwargs)
+        self._init_swarm(swarm, dht, events)
+
+
+class HivemindDDPStrategy(_SwarmSteps, DDPStrategy):
+    """One hivemind peer made of this host's N devices (``Trainer(devices=N)``): DDP inside the host, local rank 0
+    talks to the swarm (see ``_SwarmSteps``). ``dht`` is the leader's started DHT; None on the other ranks."""
+
+    strategy_name = "hivemind_ddp"
+
+    def __init__(self, swarm: SwarmConfig, dht: hivemind.DHT | None, events: SwarmEvents | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self._init_swarm(swarm, dht, events)
 
 
 class _SwarmProgress(pl.Callback):
@@ -263,9 +346,12 @@ class _SwarmProgress(pl.Callback):
         self.shown_epoch = -1
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
-        opt: SwarmOptimizer = trainer.strategy.optimizer
+        strategy: _SwarmSteps = trainer.strategy
         step = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
-        step.ready = step.completed = opt.local_epoch  # global_step, max_steps and checkpoints count swarm steps
+        step.ready = step.completed = strategy.swarm_epoch  # global_step, max_steps and checkpoints: swarm steps
+        if not strategy.leader:
+            return
+        opt = strategy.optimizer
         progress = opt.tracker.global_progress
         if opt.local_epoch != self.shown_epoch:
             self.shown_epoch = opt.local_epoch
@@ -289,8 +375,9 @@ class _SwarmProgress(pl.Callback):
             },
             on_step=True,
             on_epoch=False,
+            rank_zero_only=True,
         )
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
-            pl_module.log("epoch", float(trainer.strategy.optimizer.local_epoch))
+            pl_module.log("epoch", float(trainer.strategy.swarm_epoch), sync_dist=False)
