@@ -50,6 +50,8 @@ JOIN_OPTIONS: dict[str, str] = {
     "metrics_addr": "monitor.addr",
     "local_strategy": "parallel.strategy",
     "devices": "parallel.devices",
+    "fsdp_sharding": "parallel.fsdp_sharding",
+    "fsdp_min_params": "parallel.fsdp_min_params",
 }
 TRAIN_OPTIONS: dict[str, str] = {
     **TRAINING_OPTIONS,
@@ -79,6 +81,13 @@ def training_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def fsdp_options(command):
+    """FSDP's knobs, for ``train --strategy fsdp`` and ``join --local-strategy fsdp``."""
+    command = click.option("--fsdp-min-params", type=int, help="FSDP auto-wrap: parameters per unit at least.")(command)
+    sharding = click.Choice(["full_shard", "shard_grad_op"])
+    return click.option("--fsdp-sharding", type=sharding, help="FSDP: free gathered parameters after forward?")(command)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -201,6 +210,7 @@ def main() -> None:
     "--local-strategy", type=click.Choice(["single", "ddp", "fsdp"]), help="Several devices as one peer: ddp."
 )
 @click.option("--devices", type=int, help="Devices (processes) of this host in the peer. [default: 1]")
+@fsdp_options
 @training_options
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port (0: any). [default: off]")
 @click.option("--metrics-addr", help="Interface of the metrics endpoint. [default: 127.0.0.1]")
@@ -271,8 +281,7 @@ def coordinator(config_file: str | None, run_id: str | None, verbose: bool, **op
 @click.option("--strategy", type=click.Choice(["single", "ddp", "fsdp"]), help="How ranks share the work.")
 @click.option("--devices", type=int, help="Processes (devices) per node.")
 @click.option("--num-nodes", type=int, help="Nodes, each started with this command.")
-@click.option("--fsdp-sharding", type=click.Choice(["full_shard", "shard_grad_op"]), help="FSDP resharding.")
-@click.option("--fsdp-min-params", type=int, help="FSDP auto-wrap: parameters per unit at least.")
+@fsdp_options
 @training_options
 @click.option("-v", "--verbose", is_flag=True, help="Show Lightning's own logs.")
 def train(config_file: str | None, verbose: bool, **options: Any) -> None:

@@ -14,14 +14,16 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from torch.distributed.tensor import DTensor
 
 from monitor.peer import PeerExporter
 from monitor.serve import MetricsServer
 from peer.config import RunConfig
 from peer.data import VisionDataModule, num_classes
 from peer.module import ImageClassifier, build_model, image_config
+from peer.parallel import sharder
 from peer.report import SwarmReporter
-from peer.strategy import HivemindDDPStrategy, HivemindStrategy, SwarmEvents, _SwarmSteps
+from peer.strategy import HivemindDDPStrategy, HivemindFSDPStrategy, HivemindStrategy, SwarmEvents, _SwarmSteps
 from peer.swarm import data_order_seed, join_hint, reachable_maddrs, start_dht
 
 log = logging.getLogger(__name__)
@@ -41,14 +43,12 @@ ORDER_SEED_ENV = "VITPEER_DATA_ORDER_SEED"
 
 
 def make_strategy(config: RunConfig, dht: hivemind.DHT | None, events: SwarmEvents | None) -> _SwarmSteps:
-    """One device, or this host's ``parallel.devices`` as one peer (DDP inside the host)."""
+    """One device, or this host's ``parallel.devices`` as one peer (DDP or FSDP inside the host)."""
     parallel = config.parallel
     if parallel.num_nodes != 1:
         raise ValueError(f"parallel.num_nodes = {parallel.num_nodes}: a peer is one host; start a peer on each node")
     if parallel.strategy == "fsdp":
-        raise ValueError(
-            "parallel.strategy = 'fsdp' is not available in a swarm yet; use 'ddp' (vitpeer train has fsdp)"
-        )
+        return HivemindFSDPStrategy(config.swarm, dht, devices=parallel.devices, events=events)
     if parallel.strategy == "ddp":
         return HivemindDDPStrategy(config.swarm, dht, events=events)
     return HivemindStrategy(config.swarm, dht, device=pick_device(config.trainer.accelerator), events=events)
@@ -86,7 +86,7 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
         data = VisionDataModule(
             config.data, image_config(net, config.model), order_seed=int(os.environ[ORDER_SEED_ENV])
         )
-        module = ImageClassifier(net, classes, config.optim, config.trainer.max_steps)
+        module = ImageClassifier(net, classes, config.optim, config.trainer.max_steps, shard=sharder(config.parallel))
 
         exporter = PeerExporter() if dht is not None and config.monitor.port is not None else None
         strategy = make_strategy(config, dht, exporter)
@@ -154,8 +154,10 @@ def accelerator(config: RunConfig) -> str:
 
 
 def digest(net: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer, in order: equal digests, identical replicas."""
+    """sha256 over every parameter and buffer, in order: equal digests, identical replicas. Sharded (FSDP)
+    tensors are gathered whole first, which every rank does together."""
     hasher = hashlib.sha256()
     for tensor in net.state_dict().values():
-        hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        hasher.update(full.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return hasher.hexdigest()[:16]

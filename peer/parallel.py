@@ -12,14 +12,20 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+import torch.distributed
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from peer.config import ParallelConfig
+
+log = logging.getLogger(__name__)
 
 
 def lightning_strategy(parallel: ParallelConfig) -> Any:
@@ -56,3 +62,16 @@ def shard_model(net: nn.Module, mesh: DeviceMesh, min_params: int, reshard_after
     unsharded(net)
     fully_shard(net, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return units + 1
+
+
+def sharder(parallel: ParallelConfig) -> Callable[[nn.Module, DeviceMesh], None] | None:
+    """What ``ImageClassifier(shard=...)`` takes: ``shard_model`` with ``parallel``'s settings under fsdp, else None."""
+    if parallel.strategy != "fsdp":
+        return None
+    return partial(_shard_and_say, min_params=parallel.fsdp_min_params, sharding=parallel.fsdp_sharding)
+
+
+def _shard_and_say(net: nn.Module, mesh: DeviceMesh, min_params: int, sharding: str) -> None:
+    units = shard_model(net, mesh, min_params, reshard_after_forward=sharding == "full_shard")
+    if units and torch.distributed.get_rank() == 0:
+        log.info("FSDP: %d units (%s) sharded over %d ranks", units, sharding, mesh.size())

@@ -25,8 +25,9 @@ import hivemind
 import pytorch_lightning as pl
 import torch
 from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.data import extract_batch_size
+from torch.distributed.tensor import distribute_tensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from peer.config import SwarmConfig
@@ -216,10 +217,11 @@ class _SwarmSteps:
             )
         super().setup(trainer)
         if trainer.state.fn == "fit":
+            self._prepare_swarm_parameters()
             if self.leader:
                 self.optimizers = [self._make_swarm_optimizer(trainer)]
             else:
-                self.optimizers = [_FollowerOptimizer(self.optimizers[0].param_groups)]
+                self.optimizers = [_FollowerOptimizer(self._follower_groups())]
             self.lr_scheduler_configs = []  # hivemind steps the scheduler once per swarm step, Lightning must not
             trainer.callbacks.append(_SwarmProgress())
 
@@ -230,6 +232,7 @@ class _SwarmSteps:
             raise ValueError("HivemindStrategy takes at most one LR scheduler")
         scheduler = self.lr_scheduler_configs[0].scheduler if self.lr_scheduler_configs else None
         params, optimizer, scheduler_factory = factory_form(self.optimizers[0], scheduler)
+        params = self._swarm_groups(params)
         swarm = self.swarm
         return SwarmOptimizer(
             events=self.events,
@@ -277,7 +280,7 @@ class _SwarmSteps:
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any):
         # hivemind counts samples, not steps, toward target_batch_size: this local step's samples on all ranks
         kwargs["batch_size"] = self._batch_size * self.world_size
-        result = super().optimizer_step(optimizer, closure, model, **kwargs)
+        result = super().optimizer_step(optimizer, self._hand_gradients(closure), model, **kwargs)
         self._follow_leader()
         return result
 
@@ -289,11 +292,31 @@ class _SwarmSteps:
         epoch = torch.tensor([self.optimizer.local_epoch if self.leader else 0], device=self.root_device)
         torch.distributed.broadcast(epoch, src=0)
         if force or int(epoch) != self._followed_epoch:
-            module = self.lightning_module
             with torch.no_grad():
-                for tensor in [*module.parameters(), *module.buffers()]:
-                    torch.distributed.broadcast(tensor.data, src=0)
+                self._sync_parameters()
         self._followed_epoch = int(epoch)
+
+    # --- where the strategies differ: what hivemind optimizes, how gradients reach it, how ranks follow ----------
+
+    def _prepare_swarm_parameters(self) -> None:
+        """Every rank, before the optimizers are made."""
+
+    def _swarm_groups(self, groups: list[dict]) -> list[dict]:
+        """The parameter groups hivemind optimizes (the leader's): the module's own."""
+        return groups
+
+    def _follower_groups(self) -> list[dict]:
+        return self.optimizers[0].param_groups
+
+    def _hand_gradients(self, closure):
+        """The closure hivemind runs: forward and backward leave the gradients where it reads them."""
+        return closure
+
+    def _sync_parameters(self) -> None:
+        """Every rank: the leader's parameters and buffers, by broadcast."""
+        module = self.lightning_module
+        for tensor in [*module.parameters(), *module.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         checkpoint["swarm_epoch"] = self.swarm_epoch  # also inside the optimizer state; here for readers
@@ -337,6 +360,81 @@ class HivemindDDPStrategy(_SwarmSteps, DDPStrategy):
     def __init__(self, swarm: SwarmConfig, dht: hivemind.DHT | None, events: SwarmEvents | None = None, **kwargs):
         super().__init__(**kwargs)
         self._init_swarm(swarm, dht, events)
+
+
+class HivemindFSDPStrategy(_SwarmSteps, ModelParallelStrategy):
+    """One hivemind peer made of this host's N devices with FSDP2: each rank holds 1/N of every parameter and
+    gradient (``ImageClassifier.configure_model`` shards the network), while the swarm averages the whole model.
+
+    Why it is correct, in addition to ``_SwarmSteps``:
+
+    1. After backward FSDP has reduce-scattered the gradients: each rank's shard holds the mean over all ranks.
+    2. Right after the closure every rank takes part in gathering each full gradient (``DTensor.full_tensor``); the
+       leader copies them into its *replica*, a full-size host-memory copy of the parameters, which is what its
+       hivemind optimizer averages and steps (hivemind keeps the optimizer state in host memory for every peer).
+       The shards' gradients are then cleared: no rank ever steps them.
+    3. When the leader's swarm epoch changes, every rank takes its shard of the leader's replica
+       (``distribute_tensor`` scatters from rank 0) into its local shard. No rank changes a shard otherwise.
+
+    So device memory holds 1/N of the parameters and gradients per rank, and no optimizer state at all; the
+    leader's host memory holds the full replica, its gradients and the optimizer state. Gradient clipping is
+    applied to the full gradient on the replica. Resuming from a checkpoint is not supported yet.
+    """
+
+    strategy_name = "hivemind_fsdp"
+
+    def __init__(self, swarm: SwarmConfig, dht: hivemind.DHT | None, devices: int, events: SwarmEvents | None = None):
+        super().__init__(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
+        self._init_swarm(swarm, dht, events)
+        self._shards: list[torch.nn.Parameter] = []
+        self._replicas: list[torch.Tensor] = []
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        if trainer.ckpt_path is not None:
+            raise ValueError("resuming a peer with parallel.strategy = 'fsdp' is not supported yet; use 'ddp'")
+        super().setup(trainer)
+
+    def _prepare_swarm_parameters(self) -> None:
+        self._shards = [param for group in self.optimizers[0].param_groups for param in group["params"]]
+        fulls = [shard.full_tensor() for shard in self._shards]  # a collective: every rank takes part
+        if self.leader:
+            self._replicas = [full.detach().to("cpu", copy=True).requires_grad_(True) for full in fulls]
+
+    def _swarm_groups(self, groups: list[dict]) -> list[dict]:
+        replica_of = {id(shard): replica for shard, replica in zip(self._shards, self._replicas, strict=True)}
+        return [{**group, "params": [replica_of[id(param)] for param in group["params"]]} for group in groups]
+
+    def _follower_groups(self) -> list[dict]:
+        return [{"params": [torch.zeros(1, requires_grad=True)]}]  # a follower steps nothing, clips nothing
+
+    def _hand_gradients(self, closure):
+        def closure_and_gather():
+            loss = closure()
+            for index, shard in enumerate(self._shards):
+                full = shard.grad.full_tensor() if shard.grad is not None else None  # every rank takes part
+                if self.leader:
+                    self._replicas[index].grad = None if full is None else full.to("cpu")
+                shard.grad = None
+            clip = self.lightning_module.trainer.gradient_clip_val
+            if self.leader and clip:
+                torch.nn.utils.clip_grad_norm_(self._replicas, clip)
+            return loss
+
+        return closure_and_gather
+
+    def _sync_parameters(self) -> None:
+        for index, shard in enumerate(self._shards):
+            if self.leader:
+                full = self._replicas[index].detach().to(self.root_device)
+            else:
+                full = torch.empty(shard.shape, dtype=shard.dtype, device=self.root_device)
+            scattered = distribute_tensor(full, shard.device_mesh, shard.placements, src_data_rank=0)
+            shard.to_local().copy_(scattered.to_local())
+        for buffer in self.lightning_module.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict() if self.leader else {}  # the leader's swarm optimizer, over its replica
 
 
 class _SwarmProgress(pl.Callback):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
@@ -30,10 +29,10 @@ from pytorch_lightning.utilities.data import extract_batch_size
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from peer.config import ParallelConfig, RunConfig
+from peer.config import RunConfig
 from peer.data import VisionDataModule, num_classes
 from peer.module import ImageClassifier, build_model, image_config
-from peer.parallel import lightning_strategy, shard_model
+from peer.parallel import lightning_strategy, sharder
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +97,6 @@ def save_final_weights(trainer: pl.Trainer, module: ImageClassifier, path) -> No
         save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}, str(path))
 
 
-def _shard(net: torch.nn.Module, mesh, parallel: ParallelConfig) -> None:
-    reshard = parallel.fsdp_sharding == "full_shard"
-    units = shard_model(net, mesh, parallel.fsdp_min_params, reshard_after_forward=reshard)
-    if units and torch.distributed.get_rank() == 0:
-        log.info("FSDP: %d units (%s) sharded over %d ranks", units, parallel.fsdp_sharding, mesh.size())
-
-
 def run_train(config: RunConfig) -> dict[str, Any] | None:
     """Train ``trainer.max_steps`` optimizer steps, validate, test, save; return the results on global rank 0."""
     out, parallel = config.trainer.output_dir, config.parallel
@@ -114,8 +106,7 @@ def run_train(config: RunConfig) -> dict[str, Any] | None:
     classes = num_classes(config.data)
     net = build_model(config.model, classes)
     data = VisionDataModule(config.data, image_config(net, config.model), order_seed=config.trainer.seed)
-    shard = partial(_shard, parallel=parallel) if parallel.strategy == "fsdp" else None
-    module = ImageClassifier(net, classes, config.optim, config.trainer.max_steps, shard=shard)
+    module = ImageClassifier(net, classes, config.optim, config.trainer.max_steps, shard=sharder(parallel))
     stats = RunStats()
     trainer = pl.Trainer(
         strategy=lightning_strategy(parallel),

@@ -1,4 +1,5 @@
-"""A host's devices as one peer: a 2-rank DDP peer (gloo, CPU) trains in a swarm with a single-device peer."""
+"""A host's devices as one peer: a 2-rank DDP peer, then a 2-rank FSDP peer (gloo, CPU), each trains in a swarm with
+a single-device peer."""
 
 from __future__ import annotations
 
@@ -35,12 +36,15 @@ def join(output_dir: Path, *args: str):
 
 
 @pytest.mark.timeout(300)
-def test_ddp_peer_counts_once_contributes_all_its_ranks_samples_and_keeps_ranks_identical(tmp_path: Path):
+@pytest.mark.parametrize("local", ["ddp", "fsdp"])
+def test_multi_rank_peer_counts_once_contributes_all_its_ranks_samples_and_keeps_ranks_identical(
+    tmp_path: Path, local: str
+):
     bootstrap = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])  # where both peers meet, as in the demo
     meet = ["--initial-peers", ",".join(str(addr) for addr in bootstrap.get_visible_maddrs())]
     processes = [
         join(tmp_path / "single", *meet),
-        join(tmp_path / "ddp", "--local-strategy", "ddp", "--devices", "2", *meet),
+        join(tmp_path / "ddp", "--local-strategy", local, "--devices", "2", "--fsdp-min-params", "100000", *meet),
     ]
     try:
         codes = [process.wait(timeout=240) for process in processes]
