@@ -12,8 +12,6 @@ from typing import Any
 import hivemind
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
 from torch.distributed.tensor import DTensor
 
 from monitor.peer import PeerExporter
@@ -25,6 +23,7 @@ from peer.parallel import sharder
 from peer.report import SwarmReporter
 from peer.strategy import HivemindDDPStrategy, HivemindFSDPStrategy, HivemindStrategy, SwarmEvents, _SwarmSteps
 from peer.swarm import data_order_seed, join_hint, reachable_maddrs, start_dht
+from peer.train import checkpoints, trainer_args
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
 
         exporter = PeerExporter() if dht is not None and config.monitor.port is not None else None
         strategy = make_strategy(config, dht, exporter)
-        callbacks: list[pl.Callback] = [ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0)]
+        callbacks: list[pl.Callback] = [checkpoints(out)]
         reporter = None
         if dht is not None:
             reporter = SwarmReporter(dht, config.swarm.run_id)  # this peer's signed metrics record, once per swarm step
@@ -100,20 +99,7 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
             metrics_server = MetricsServer(exporter.registry, config.monitor.addr, config.monitor.port)
             log.info("metrics for Prometheus at %s", metrics_server.url)
         trainer = pl.Trainer(
-            strategy=strategy,
-            accelerator=accelerator(config),
-            devices=config.parallel.devices,
-            precision=config.trainer.precision,
-            max_steps=config.trainer.max_steps,
-            max_epochs=-1,
-            check_val_every_n_epoch=config.trainer.val_every_n_epochs,
-            log_every_n_steps=config.trainer.log_every_n_steps,
-            gradient_clip_val=config.trainer.grad_clip,
-            logger=CSVLogger(out, name="", version=""),
-            callbacks=callbacks,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
+            strategy=strategy, accelerator=accelerator(config), callbacks=callbacks, **trainer_args(config)
         )
         started = time.monotonic()
         trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume)

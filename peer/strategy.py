@@ -94,6 +94,21 @@ class SwarmOptimizer(hivemind.Optimizer):
                 loader = _LoadDeadline(averager.load_state_from_peers, self.load_state_timeout)
                 averager.load_state_from_peers = loader
                 self._loaders.append(loader)
+        self.parameters_version = 0
+        """Bumped whenever hivemind writes this peer's parameters: an optimizer step, a (background) averaging result
+        applied at any later local step, a state download. Local ranks that follow this peer sync when it moves."""
+        state = self.state_averager
+        for name in ("_apply_optimizer_parameters_", "_apply_averaging_results_", "load_state_from_peers"):
+            setattr(state, name, self._bumps_version(getattr(state, name)))
+
+    def _bumps_version(self, writes_parameters):
+        def wrapped(*args, **kwargs):
+            try:
+                return writes_parameters(*args, **kwargs)
+            finally:
+                self.parameters_version += 1
+
+        return wrapped
 
     # The two hooks below wrap hivemind 1.1.12's own steps (private names, pinned version) without changing them.
 
@@ -179,9 +194,10 @@ class _SwarmSteps:
        mean over all ranks' samples.
     2. Only the leader hands them to hivemind, with ``batch_size`` = samples of all ranks: the swarm sees one peer
        contributing N x batch per local step. Followers step nothing (``_FollowerOptimizer``).
-    3. After every local step the leader broadcasts its swarm epoch; when it changed (a swarm step, or a state
-       download) it broadcasts all parameters and buffers too. Between those events no rank changes a parameter,
-       so all ranks hold identical full parameters at all times, equal to the leader's.
+    3. After every local step the leader broadcasts its swarm epoch and ``parameters_version``, which counts every
+       write hivemind makes to its parameters (an optimizer step, a background averaging result applied at a later
+       local step, a state download). When the version moved, all parameters and buffers follow. No rank changes a
+       parameter otherwise, so all ranks hold identical full parameters after every local step, the leader's.
     4. Every rank sets Lightning's step counter from that broadcast epoch, so all stop together at ``max_steps``
        and none waits alone in a collective.
     """
@@ -189,7 +205,7 @@ class _SwarmSteps:
     def _init_swarm(self, swarm: SwarmConfig, dht: hivemind.DHT | None, events: SwarmEvents | None) -> None:
         self.swarm, self.dht, self.events = swarm, dht, events
         self._batch_size: int | None = None
-        self._followed_epoch = -1
+        self._followed_epoch = self._followed_version = -1
 
     @property
     def leader(self) -> bool:
@@ -285,16 +301,18 @@ class _SwarmSteps:
         return result
 
     def _follow_leader(self, force: bool = False) -> None:
-        """Every rank: take the leader's swarm epoch and, when it changed (or ``force``), its parameters."""
+        """Every rank: take the leader's swarm epoch and, when its parameters moved (or ``force``), the parameters."""
         if self.world_size == 1:
             self._followed_epoch = self.optimizer.local_epoch
             return
-        epoch = torch.tensor([self.optimizer.local_epoch if self.leader else 0], device=self.root_device)
-        torch.distributed.broadcast(epoch, src=0)
-        if force or int(epoch) != self._followed_epoch:
+        leader = [self.optimizer.local_epoch, self.optimizer.parameters_version] if self.leader else [0, 0]
+        state = torch.tensor(leader, device=self.root_device)
+        torch.distributed.broadcast(state, src=0)
+        epoch, version = (int(value) for value in state.tolist())
+        if force or version != self._followed_version:
             with torch.no_grad():
                 self._sync_parameters()
-        self._followed_epoch = int(epoch)
+        self._followed_epoch, self._followed_version = epoch, version
 
     # --- where the strategies differ: what hivemind optimizes, how gradients reach it, how ranks follow ----------
 
@@ -373,8 +391,8 @@ class HivemindFSDPStrategy(_SwarmSteps, ModelParallelStrategy):
        leader copies them into its *replica*, a full-size host-memory copy of the parameters, which is what its
        hivemind optimizer averages and steps (hivemind keeps the optimizer state in host memory for every peer).
        The shards' gradients are then cleared: no rank ever steps them.
-    3. When the leader's swarm epoch changes, every rank takes its shard of the leader's replica
-       (``distribute_tensor`` scatters from rank 0) into its local shard. No rank changes a shard otherwise.
+    3. When the leader's parameters move (``parameters_version``), every rank takes its shard of the leader's
+       replica (``distribute_tensor`` scatters from rank 0) into its local shard. No rank changes a shard otherwise.
 
     So device memory holds 1/N of the parameters and gradients per rank, and no optimizer state at all; the
     leader's host memory holds the full replica, its gradients and the optimizer state. Gradient clipping is

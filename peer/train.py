@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -97,6 +98,28 @@ def save_final_weights(trainer: pl.Trainer, module: ImageClassifier, path) -> No
         save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}, str(path))
 
 
+def trainer_args(config: RunConfig) -> dict[str, Any]:
+    """The ``pl.Trainer`` arguments ``train`` and ``join`` share: length, numerics, logging into the output dir."""
+    return {
+        "devices": config.parallel.devices,
+        "precision": config.trainer.precision,
+        "max_steps": config.trainer.max_steps,
+        "max_epochs": -1,
+        "check_val_every_n_epoch": config.trainer.val_every_n_epochs,
+        "log_every_n_steps": config.trainer.log_every_n_steps,
+        "gradient_clip_val": config.trainer.grad_clip,
+        "logger": CSVLogger(config.trainer.output_dir, name="", version=""),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+
+
+def checkpoints(out: Path) -> ModelCheckpoint:
+    """``checkpoints/last.ckpt``, rewritten at every validation and at the end."""
+    return ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0)
+
+
 def run_train(config: RunConfig) -> dict[str, Any] | None:
     """Train ``trainer.max_steps`` optimizer steps, validate, test, save; return the results on global rank 0."""
     out, parallel = config.trainer.output_dir, config.parallel
@@ -111,19 +134,9 @@ def run_train(config: RunConfig) -> dict[str, Any] | None:
     trainer = pl.Trainer(
         strategy=lightning_strategy(parallel),
         accelerator=config.trainer.accelerator,
-        devices=parallel.devices,
         num_nodes=parallel.num_nodes,
-        precision=config.trainer.precision,
-        max_steps=config.trainer.max_steps,
-        max_epochs=-1,
-        check_val_every_n_epoch=config.trainer.val_every_n_epochs,
-        log_every_n_steps=config.trainer.log_every_n_steps,
-        gradient_clip_val=config.trainer.grad_clip,
-        logger=CSVLogger(out, name="", version=""),
-        callbacks=[ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0), stats],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+        callbacks=[checkpoints(out), stats],
+        **trainer_args(config),
     )
     if trainer.is_global_zero:
         config.save(out / "config.yaml")
