@@ -490,7 +490,7 @@ class VisionDataModule(pl.LightningDataModule):
             sampler = DistributedSampler(
                 split, trainer.world_size, trainer.global_rank, shuffle=True, seed=self.order_seed, drop_last=True
             )
-            return self._loader(split, self.config.batch_size, shuffle=False, sampler=sampler, drop_last=True)
+            return self._loader(split, self.config.batch_size, shuffle=False, sampler=sampler)
         generator = torch.Generator().manual_seed(self.order_seed)
         return self._loader(split, self.config.batch_size, shuffle=True, generator=generator)
 
@@ -516,15 +516,15 @@ class VisionDataModule(pl.LightningDataModule):
         shuffle: bool,
         generator: torch.Generator | None = None,
         sampler: DistributedSampler | None = None,
-        drop_last: bool | None = None,
     ) -> DataLoader:
+        """Training loaders (shuffled, or sampled per rank) drop an incomplete last batch; evaluation keeps it."""
         workers = self.config.num_workers
         return DataLoader(
             split,
             batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
-            drop_last=shuffle if drop_last is None else drop_last,
+            drop_last=shuffle or sampler is not None,
             generator=generator,
             num_workers=workers,
             persistent_workers=workers > 0,

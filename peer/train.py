@@ -86,7 +86,7 @@ class RunStats(pl.Callback):
         }
 
 
-def save_final_weights(trainer: pl.Trainer, module: ImageClassifier, path) -> None:
+def save_final_weights(trainer: pl.Trainer, module: ImageClassifier, path: Path) -> None:
     """The trained network's full state dict as safetensors: under FSDP gathered to global rank 0 (every rank takes
     part), otherwise written by each node's first process from its own replica."""
     if isinstance(trainer.strategy, ModelParallelStrategy):
