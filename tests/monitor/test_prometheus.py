@@ -144,10 +144,17 @@ def test_prometheus_sees_the_swarm_train(tmp_path: Path, promtool: Path, prometh
 
         # each peer sees the other, averages with it, and says it has no GPU but a busy CPU
         assert prometheus.by('vitpeer_swarm_peers{job="vitpeer-peer"}', "instance") == dict.fromkeys(samples_after, 2.0)
-        averaged = prometheus.by('vitpeer_averaging_rounds_total{outcome="averaged"}', "instance")
-        assert len(averaged) == 2 and all(count > 0 for count in averaged.values()), averaged
-        durations = prometheus.by("vitpeer_averaging_round_duration_seconds_count", "instance")
-        assert all(count > 0 for count in durations.values())
+
+        # both have averaged with the other (a peer that caught up by downloading state may not have yet: wait)
+        def on_both_peers(series: str) -> dict[str, float] | None:
+            counts = prometheus.by(series, "instance")
+            return counts if len(counts) == 2 and all(count > 0 for count in counts.values()) else None
+
+        for series in (
+            'vitpeer_averaging_rounds_total{outcome="averaged"}',
+            "vitpeer_averaging_round_duration_seconds_count",
+        ):
+            print(series, wait_for(f"{series} > 0 on both peers", lambda q=series: on_both_peers(q), 60))
         assert prometheus.by('vitpeer_gpus{job="vitpeer-peer"}', "instance") == dict.fromkeys(samples_after, 0.0)
         cpu = prometheus.by('vitpeer_process_cpu_utilization_ratio{job="vitpeer-peer"}', "instance")
         assert len(cpu) == 2 and all(0 < share <= 1 for share in cpu.values()), cpu
