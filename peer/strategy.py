@@ -297,8 +297,15 @@ class _SwarmSteps:
         # hivemind counts samples, not steps, toward target_batch_size: this local step's samples on all ranks
         kwargs["batch_size"] = self._batch_size * self.world_size
         result = super().optimizer_step(optimizer, self._hand_gradients(closure), model, **kwargs)
+        if self.leader and self.optimizer.local_epoch >= self.lightning_module.trainer.max_steps:
+            self._apply_pending_updates()  # before the last checkpoint and the test see these parameters
         self._follow_leader()
         return result
+
+    def _apply_pending_updates(self) -> None:
+        """The leader: wait for hivemind's background state-averaging round (and, with ``overlap``, the optimizer
+        step) still in flight and apply its result to the parameters."""
+        self.optimizer.state_averager.step(wait_for_delayed_updates=True)
 
     def _follow_leader(self, force: bool = False) -> None:
         """Every rank: take the leader's swarm epoch and, when its parameters moved (or ``force``), the parameters."""
@@ -341,8 +348,9 @@ class _SwarmSteps:
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def on_train_end(self) -> None:
-        if self.leader:  # apply a background optimizer step still in flight, so saved/tested weights include it
-            self.optimizer.state_averager.step(wait_for_delayed_updates=True)
+        if self.leader:  # ended before max_steps (max_epochs): apply what is in flight for the test (the last
+            # checkpoint is already written: callbacks' on_train_end runs before the strategy's)
+            self._apply_pending_updates()
         self._follow_leader(force=True)
         super().on_train_end()
 
