@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from peer import profile
 from peer.config import ConfigError, RunConfig, load_config, validated
 
 DEFAULT_CONFIG = "digits_tiny"
@@ -365,6 +366,31 @@ def demo(peers: int, config_file: str, max_steps: int | None, output_dir: Path) 
     if accuracy is None:
         sys.exit(1)
 
+
+@main.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def plot(run_dir: Path) -> None:
+    """Draw a run's loss, accuracy and learning-rate curves into RUN_DIR/plots/.
+
+    RUN_DIR is a run's output directory (the config's trainer.output_dir), which holds history/history.json. It
+    works while the run goes on, too: the history is rewritten at every validation.
+
+    \b
+    Example: vitpeer plot outputs/digits_tiny
+    """
+    from peer.history import HISTORY_DIR, plot_history
+
+    try:
+        written = plot_history(run_dir)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    if not written:
+        raise click.ClickException(f"{run_dir / HISTORY_DIR / 'history.json'} has no metrics to plot yet")
+    for path in written:
+        click.echo(str(path))
+
+
+main.add_command(profile.command)  # needs no run config: its own module, with its own options
 
 if __name__ == "__main__":
     main()
