@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import warnings
@@ -10,7 +11,7 @@ from typing import Any
 
 import click
 
-from peer import profile
+from peer import doctor, profile
 from peer.config import ConfigError, RunConfig, load_config, validated
 
 DEFAULT_CONFIG = "digits_tiny"
@@ -29,6 +30,10 @@ TRAINING_OPTIONS: dict[str, str] = {  # what join and train share
     "output_dir": "trainer.output_dir",
     "resume": "trainer.resume",
     "seed": "trainer.seed",
+    "schedule": "optim.schedule",
+    "accumulate_grad_batches": "trainer.accumulate_grad_batches",
+    "save_top_k": "trainer.save_top_k",
+    "progress_bar": "trainer.progress_bar",
 }
 JOIN_OPTIONS: dict[str, str] = {
     "initial_peers": "swarm.initial_peers",
@@ -61,6 +66,8 @@ TRAIN_OPTIONS: dict[str, str] = {
     "num_nodes": "parallel.num_nodes",
     "fsdp_sharding": "parallel.fsdp_sharding",
     "fsdp_min_params": "parallel.fsdp_min_params",
+    "early_stopping_patience": "trainer.early_stopping_patience",
+    "load_best_at_end": "trainer.load_best_at_end",
 }
 
 
@@ -78,6 +85,12 @@ def training_options(command):
         click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory."),
         click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), help="Lightning checkpoint."),
         click.option("--seed", type=int, help="Seed of model initialisation (and of data order, outside a swarm)."),
+        click.option("--schedule", type=click.Choice(["cosine", "onecycle", "constant"]), help="LR schedule."),
+        click.option(
+            "--accumulate-grad-batches", type=int, help="Local steps per optimizer step (train; a swarm refuses it)."
+        ),
+        click.option("--save-top-k", type=int, help="Best checkpoints by val/loss to keep (0: only last.ckpt)."),
+        click.option("--progress-bar/--no-progress-bar", default=None, help="Live bar (default: on a terminal)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -284,6 +297,8 @@ def coordinator(config_file: str | None, run_id: str | None, verbose: bool, **op
 @click.option("--num-nodes", type=int, help="Nodes, each started with this command.")
 @fsdp_options
 @training_options
+@click.option("--early-stopping-patience", type=int, help="Stop after this many validations without a better loss.")
+@click.option("--load-best-at-end/--last-at-end", default=None, help="Test and export the best or the last weights.")
 @click.option("-v", "--verbose", is_flag=True, help="Show Lightning's own logs.")
 def train(config_file: str | None, verbose: bool, **options: Any) -> None:
     """Train without a swarm: one device, or DDP / FSDP over the devices of one or more nodes.
@@ -368,6 +383,33 @@ def demo(peers: int, config_file: str, max_steps: int | None, output_dir: Path) 
 
 
 @main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", "config_file", metavar="FILE", help="The run's YAML. [default: config.yaml beside it]")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True, help="Held-out split.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def evaluate(checkpoint: Path, config_file: str | None, split: str, as_json: bool) -> None:
+    """Test loss, accuracy and a per-class report of a checkpoint (.ckpt or .safetensors) on a held-out split.
+
+    \b
+    Example: vitpeer evaluate outputs/digits_tiny/checkpoints/last.ckpt
+    """
+    setup_logging(verbose=False)
+    from peer.evaluate import run_config_beside, run_evaluate
+
+    try:
+        config = build_config(config_file or str(run_config_beside(checkpoint)), {}, {})
+        results = run_evaluate(checkpoint, config, split)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    click.echo(f"{checkpoint} on the {split} split ({results['samples']} images):")
+    click.echo(f"loss {results['loss']:.4f}   accuracy {results['accuracy']:.4f}\n")
+    click.echo(results["report"])
+
+
+@main.command()
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def plot(run_dir: Path) -> None:
     """Draw a run's loss, accuracy and learning-rate curves into RUN_DIR/plots/.
@@ -390,7 +432,9 @@ def plot(run_dir: Path) -> None:
         click.echo(str(path))
 
 
-main.add_command(profile.command)  # needs no run config: its own module, with its own options
+# commands that need no run config: their own modules, with their own options
+main.add_command(profile.command)
+main.add_command(doctor.command)
 
 if __name__ == "__main__":
     main()

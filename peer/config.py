@@ -85,8 +85,10 @@ class OptimConfig(Section):
     """AdamW weight decay (not applied to biases and norm weights)."""
     warmup_steps: int = Field(default=0, ge=0)
     """Linear warm-up length in optimizer steps; in a swarm these are swarm steps (hivemind epochs)."""
-    schedule: Literal["cosine", "constant"] = "cosine"
-    """After warm-up: cosine decay to ``min_lr_ratio * lr`` at ``trainer.max_steps``, or constant."""
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    """``cosine``: linear warm-up, then cosine decay to ``min_lr_ratio * lr`` at ``trainer.max_steps``.
+    ``onecycle``: cosine rise from ``lr / 25`` to ``lr`` over ``warmup_steps`` (30 % of the run when 0), then cosine
+    decay to ``lr / 2.5e5`` (torch's OneCycleLR defaults). ``constant``: linear warm-up, then ``lr``."""
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
     """Final learning rate of the cosine schedule as a share of ``lr``."""
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
@@ -176,6 +178,21 @@ class TrainerConfig(Section):
     """Local steps between logged training metrics."""
     grad_clip: float | None = Field(default=1.0, gt=0)
     """Clip the gradient norm of each local step to this value; None disables clipping."""
+    accumulate_grad_batches: int = Field(default=1, gt=0)
+    """``vitpeer train``: local steps whose gradients add up before one optimizer step (a larger effective batch).
+    A swarm already accumulates up to ``swarm.target_batch_size``: raise that instead; ``join`` refuses this."""
+    early_stopping_patience: int | None = Field(default=None, gt=0)
+    """``vitpeer train``: stop when ``val/loss`` has not improved for this many validations; None trains on to
+    ``max_steps``. A swarm step belongs to every peer, so ``join`` refuses this."""
+    save_top_k: int = Field(default=1, ge=0)
+    """Best checkpoints by ``val/loss`` kept as ``checkpoints/best-*.ckpt`` (older ones are deleted), next to
+    ``last.ckpt``; 0 keeps only ``last.ckpt``."""
+    load_best_at_end: bool = True
+    """``vitpeer train``: test and export the best checkpoint by ``val/loss`` rather than the last weights (needs
+    ``save_top_k`` >= 1). A peer tests its last weights: those are the swarm's."""
+    progress_bar: bool | None = None
+    """A live progress bar (swarm step, samples toward the target, peers, loss, lr, samples/s); None shows it when the
+    output is a terminal. One log line per swarm step is printed either way."""
     output_dir: Path = Path("outputs")
     """Run directory: resolved config, metrics CSV, checkpoints and results go here."""
     resume: Path | None = None
@@ -233,6 +250,11 @@ class RunConfig(Section):
         """Write the resolved config as YAML (loadable again with ``load_config``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_yaml())
+
+    def write_to(self, run_dir: Path) -> None:
+        """The run directory's ``config.yaml`` (``--config`` takes it back) and ``config.json`` (for tools)."""
+        self.save(run_dir / "config.yaml")
+        (run_dir / "config.json").write_text(self.model_dump_json(indent=2) + "\n")
 
     def for_peers(self) -> RunConfig:
         """What every peer of the run shares: this config without this host's addresses, identity and paths."""

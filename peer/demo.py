@@ -85,7 +85,7 @@ def run_demo(peers: int, config: str, output_dir: Path, max_steps: int | None = 
 
     accuracies = []
     for index, code in enumerate(codes, start=1):
-        results = output_dir / f"peer-{index}" / "results.json"
+        results = output_dir / f"peer-{index}" / "all_results.json"
         if code != 0 or not results.is_file():
             tail = (output_dir / f"peer-{index}" / "log.txt").read_text().splitlines()[-15:]
             print(f"demo: peer {index} failed (exit code {code}); last lines of its log:", *tail, sep="\n  ")

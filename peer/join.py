@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -19,26 +18,41 @@ from monitor.serve import MetricsServer
 from peer.config import RunConfig
 from peer.data import VisionDataModule, num_classes
 from peer.module import ImageClassifier, build_model, image_config
-from peer.parallel import sharder
+from peer.parallel import check_precision, device_type, sharder
 from peer.report import SwarmReporter
 from peer.strategy import HivemindDDPStrategy, HivemindFSDPStrategy, HivemindStrategy, SwarmEvents, _SwarmSteps
 from peer.swarm import data_order_seed, join_hint, reachable_maddrs, start_dht
-from peer.train import checkpoints, trainer_args
+from peer.train import RunStats, run_callbacks, trainer_args, write_results
 
 log = logging.getLogger(__name__)
 
 
 def pick_device(accelerator: str) -> torch.device:
-    """The device this peer trains on; asking for a GPU on a host without one is an error, not a silent CPU run."""
-    if accelerator == "gpu" and not torch.cuda.is_available():
-        raise ValueError("trainer.accelerator = 'gpu' but torch sees no CUDA GPU; use 'cpu' or 'auto'")
-    if accelerator in ("gpu", "auto") and torch.cuda.is_available():
+    """The device a one-device peer trains on (see ``peer.parallel.device_type``)."""
+    if device_type(accelerator) == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
 ORDER_SEED_ENV = "VITPEER_DATA_ORDER_SEED"
 """The leader's data-order seed, passed to the local ranks Lightning starts (they inherit the environment)."""
+
+
+def refuse_in_swarm(config: RunConfig) -> None:
+    """What ``vitpeer train`` offers and a swarm cannot do, refused with the reason and what to set instead."""
+    trainer = config.trainer
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches = {trainer.accumulate_grad_batches}: in a swarm the peers already "
+            f"accumulate gradients until they reach swarm.target_batch_size ({config.swarm.target_batch_size}) "
+            "samples together; raise that instead and leave accumulate_grad_batches at 1"
+        )
+    if trainer.early_stopping_patience is not None:
+        raise ValueError(
+            "trainer.early_stopping_patience: a swarm step belongs to every peer, so one peer cannot stop the run "
+            "early; set trainer.max_steps (or stop a volunteer with Ctrl-C) instead"
+        )
+    check_precision(trainer.precision, device_type(trainer.accelerator), swarm=True)
 
 
 def make_strategy(config: RunConfig, dht: hivemind.DHT | None, events: SwarmEvents | None) -> _SwarmSteps:
@@ -59,11 +73,12 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
     With ``parallel.strategy = 'ddp'`` Lightning starts local ranks 1..N-1 by running this same command again
     (``LOCAL_RANK`` set): they follow the leader (see ``peer.strategy._SwarmSteps``) and touch neither the DHT nor
     the output files. They return None."""
+    refuse_in_swarm(config)
     leader = os.environ.get("LOCAL_RANK", "0") == "0"
     out = config.trainer.output_dir
     if leader:
         out.mkdir(parents=True, exist_ok=True)
-        config.save(out / "config.yaml")
+        config.write_to(out)
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)  # same initial weights on every peer
 
     dht = start_dht(config.swarm) if leader else None
@@ -89,7 +104,8 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
 
         exporter = PeerExporter() if dht is not None and config.monitor.port is not None else None
         strategy = make_strategy(config, dht, exporter)
-        callbacks: list[pl.Callback] = [checkpoints(out)]
+        stats = RunStats()
+        callbacks: list[pl.Callback] = [*run_callbacks(config), stats]
         reporter = None
         if dht is not None:
             reporter = SwarmReporter(dht, config.swarm.run_id)  # this peer's signed metrics record, once per swarm step
@@ -105,6 +121,8 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
         trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume)
         train_seconds = time.monotonic() - started
         swarm_epoch = trainer.global_step
+        summary = stats.summary(trainer)
+        validated = trainer.validate(module, datamodule=data, verbose=False)[0]
         tested = trainer.test(module, datamodule=data, verbose=False)[0]
         if trainer.world_size > 1:  # each rank says what it holds: the ranks must agree, bit for bit
             log.info("local rank %d of %d: parameters sha256 %s", trainer.local_rank, trainer.world_size, digest(net))
@@ -112,7 +130,10 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
             return None
         results = {
             "swarm_epoch": swarm_epoch,
-            "train_runtime": round(train_seconds, 2),
+            **summary,
+            "train_runtime": round(train_seconds, 2),  # from fit's start: joining and downloading the state count
+            "eval_loss": validated["val/loss"],
+            "eval_accuracy": validated["val/acc"],
             "test_loss": tested["test/loss"],
             "test_accuracy": tested["test/acc"],
             "peer_id": dht.peer_id.to_base58(),
@@ -120,7 +141,7 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
             "samples_contributed": reporter.samples,
             "local_steps": reporter.mini_steps,
         }
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_results(out, results)
         log.info(
             "test accuracy %.4f after %d swarm steps (%.0f s)", results["test_accuracy"], swarm_epoch, train_seconds
         )

@@ -52,25 +52,40 @@ def image_config(net: nn.Module, config: ModelConfig) -> dict:
     return resolved
 
 
-@dataclass(frozen=True)
-class WarmupCosine:
-    """Learning-rate factor for optimizer step ``step``: linear warm-up, then cosine (or constant) to ``min_ratio``.
+def _cosine(start: float, end: float, progress: float) -> float:
+    """From ``start`` (progress 0) to ``end`` (progress 1) along half a cosine."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
-    A pure function of the step, so every peer that knows the swarm step computes the same rate, whenever it joined.
+
+@dataclass(frozen=True)
+class Schedule:
+    """Learning-rate factor for optimizer step ``step`` (see ``OptimConfig.schedule``).
+
+    A pure function of the step, so every peer that knows the swarm step computes the same rate, whenever it joined;
+    that is why OneCycle is written here rather than taken from ``torch.optim.lr_scheduler.OneCycleLR``, whose rate
+    depends on how many times it was stepped.
     """
 
+    kind: str
     warmup_steps: int
     total_steps: int
     min_ratio: float = 0.0
-    cosine: bool = True
+
+    # torch's OneCycleLR defaults: start at lr / div_factor (25), rise over 30 %, end at start / final_div_factor (1e4)
+    ONECYCLE_START, ONECYCLE_RISE = 1 / 25, 0.3
+    ONECYCLE_END = ONECYCLE_START / 1e4
 
     def __call__(self, step: int) -> float:
+        if self.kind == "onecycle":
+            rise = self.warmup_steps or max(1, round(self.ONECYCLE_RISE * self.total_steps))
+            if step < rise:
+                return _cosine(self.ONECYCLE_START, 1.0, step / rise)
+            return _cosine(1.0, self.ONECYCLE_END, (step - rise) / max(1, self.total_steps - rise))
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
-        if not self.cosine:
+        if self.kind == "constant":
             return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return _cosine(1.0, self.min_ratio, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
 
 
 class ImageClassifier(pl.LightningModule):
@@ -134,8 +149,6 @@ class ImageClassifier(pl.LightningModule):
             [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.optim.lr,
         )
-        schedule = WarmupCosine(
-            self.optim.warmup_steps, self.max_steps, self.optim.min_lr_ratio, cosine=self.optim.schedule == "cosine"
-        )
+        schedule = Schedule(self.optim.schedule, self.optim.warmup_steps, self.max_steps, self.optim.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -31,6 +31,7 @@ from torch.distributed.tensor import distribute_tensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from peer.config import SwarmConfig
+from peer.parallel import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +222,7 @@ class _SwarmSteps:
         return self.optimizer.local_epoch if self.leader else self._followed_epoch
 
     def setup(self, trainer: pl.Trainer) -> None:
-        if trainer.precision == "16-mixed":
-            raise ValueError(
-                "precision '16-mixed' is not supported in a swarm: its loss scaling would have to run inside "
-                "hivemind's delayed steps. Use 'bf16-mixed' (CPUs, Ampere and newer GPUs) or '32'."
-            )
+        check_precision(trainer.precision, self.root_device.type, swarm=True)
         if self.world_size > 1 and self.swarm.overlap:
             raise ValueError(
                 "swarm.overlap applies parameter updates in the background, after the step the other local ranks "

@@ -15,6 +15,7 @@ epoch time, samples/s, peak GPU memory allocated and reserved, accuracy.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -23,17 +24,19 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.strategies import ModelParallelStrategy
 from pytorch_lightning.utilities.data import extract_batch_size
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from peer import progress
 from peer.config import RunConfig
 from peer.data import VisionDataModule, num_classes
+from peer.history import History
 from peer.module import ImageClassifier, build_model, image_config
-from peer.parallel import lightning_strategy, sharder
+from peer.parallel import check_precision, device_type, lightning_strategy, sharder
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ class RunStats(pl.Callback):
 
     def __init__(self):
         self.samples, self.runtime, self.epochs = 0, 0.0, []  # epochs: (seconds, batches) per training epoch
+        self.loss_sum, self.batches = 0.0, 0  # for train_loss, the mean over every local step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -55,6 +59,10 @@ class RunStats(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         self.samples += extract_batch_size(batch)
         self.epoch_batches += 1
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.loss_sum += float(loss) * trainer.accumulate_grad_batches  # Lightning divided it by them
+            self.batches += 1
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.epochs.append((time.monotonic() - self.epoch_started, self.epoch_batches))
@@ -67,6 +75,9 @@ class RunStats(pl.Callback):
         strategy, device = trainer.strategy, trainer.strategy.root_device
         samples = int(strategy.reduce(torch.tensor(float(self.samples), device=device), reduce_op="sum"))
         runtime = float(strategy.reduce(torch.tensor(self.runtime, device=device), reduce_op="max"))
+        mean_loss = self.loss_sum / self.batches if self.batches else float("nan")
+        train_loss = float(strategy.reduce(torch.tensor(mean_loss, device=device), reduce_op="mean"))
+        train_set = getattr(trainer.datamodule, "train_set", None)
         full = trainer.num_training_batches
         complete = [seconds for seconds, batches in self.epochs if batches == full]  # max_steps may cut the last
         memory: dict[str, int | None] = {"peak_memory_allocated_bytes": None, "peak_memory_reserved_bytes": None}
@@ -77,6 +88,8 @@ class RunStats(pl.Callback):
             ):
                 memory[key] = int(strategy.reduce(torch.tensor(float(value), device=device), reduce_op="max"))
         return {
+            "train_loss": round(train_loss, 6),
+            "epoch": round(samples / len(train_set), 3) if train_set else None,  # passes over the training split
             "train_samples": samples,
             "train_runtime": round(runtime, 3),
             "train_samples_per_second": round(samples / runtime, 2) if runtime else None,
@@ -98,6 +111,14 @@ def save_final_weights(trainer: pl.Trainer, module: ImageClassifier, path: Path)
         save_file({name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}, str(path))
 
 
+def loggers(out: Path) -> list[Logger]:
+    """``metrics.csv`` in the run directory, and TensorBoard event files (``tensorboard/``) when it is installed."""
+    found: list[Logger] = [CSVLogger(out, name="", version="")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        found.append(TensorBoardLogger(out, name="tensorboard", version="", default_hp_metric=False))
+    return found
+
+
 def trainer_args(config: RunConfig) -> dict[str, Any]:
     """The ``pl.Trainer`` arguments ``train`` and ``join`` share: length, numerics, logging into the output dir."""
     return {
@@ -105,24 +126,58 @@ def trainer_args(config: RunConfig) -> dict[str, Any]:
         "precision": config.trainer.precision,
         "max_steps": config.trainer.max_steps,
         "max_epochs": -1,
+        "accumulate_grad_batches": config.trainer.accumulate_grad_batches,
         "check_val_every_n_epoch": config.trainer.val_every_n_epochs,
         "log_every_n_steps": config.trainer.log_every_n_steps,
         "gradient_clip_val": config.trainer.grad_clip,
-        "logger": CSVLogger(config.trainer.output_dir, name="", version=""),
-        "enable_progress_bar": False,
+        "logger": loggers(config.trainer.output_dir),
+        "enable_progress_bar": progress.wanted(config.trainer.progress_bar),
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
     }
 
 
-def checkpoints(out: Path) -> ModelCheckpoint:
-    """``checkpoints/last.ckpt``, rewritten at every validation and at the end."""
-    return ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0)
+def run_callbacks(config: RunConfig) -> list[pl.Callback]:
+    """What every run records, ``train`` and ``join`` alike: checkpoints, history, the progress bar when shown."""
+    out = config.trainer.output_dir
+    callbacks: list[pl.Callback] = [checkpoints(out, config.trainer.save_top_k), History(out)]
+    if progress.wanted(config.trainer.progress_bar):
+        callbacks.append(progress.ProgressBar())
+    return callbacks
+
+
+def checkpoints(out: Path, best: int = 0) -> ModelCheckpoint:
+    """``checkpoints/last.ckpt``, rewritten at every validation and at the end, and the ``best`` checkpoints by
+    ``val/loss`` (``best-step=S-loss=L.ckpt``; a better one replaces the worst beyond ``best``)."""
+    return ModelCheckpoint(
+        out / "checkpoints",
+        filename="best-step={step}-loss={val/loss:.4f}",
+        auto_insert_metric_name=False,  # the metric's "/" would make a folder
+        monitor="val/loss" if best else None,
+        mode="min",
+        save_last=True,
+        save_top_k=best,
+    )
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """``all_results.json``: the run's numbers, in ``train`` and ``join`` alike (the keys the Hugging Face Trainer
+    writes where they mean the same: train_loss, train_runtime, train_samples_per_second, eval_loss, eval_accuracy,
+    epoch)."""
+    (out / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+class _LogLearningRate(pl.Callback):
+    """``lr`` at every step, for the history and the bar (in a swarm the strategy logs the swarm's)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        pl_module.log("lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
 
 def run_train(config: RunConfig) -> dict[str, Any] | None:
     """Train ``trainer.max_steps`` optimizer steps, validate, test, save; return the results on global rank 0."""
     out, parallel = config.trainer.output_dir, config.parallel
+    check_precision(config.trainer.precision, device_type(config.trainer.accelerator), swarm=False)
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)  # same initial weights on every rank
 
@@ -131,15 +186,18 @@ def run_train(config: RunConfig) -> dict[str, Any] | None:
     data = VisionDataModule(config.data, image_config(net, config.model), order_seed=config.trainer.seed)
     module = ImageClassifier(net, classes, config.optim, config.trainer.max_steps, shard=sharder(parallel))
     stats = RunStats()
+    callbacks = [*run_callbacks(config), stats, _LogLearningRate()]
+    if config.trainer.early_stopping_patience:
+        callbacks.append(EarlyStopping("val/loss", patience=config.trainer.early_stopping_patience, mode="min"))
     trainer = pl.Trainer(
         strategy=lightning_strategy(parallel),
         accelerator=config.trainer.accelerator,
         num_nodes=parallel.num_nodes,
-        callbacks=[checkpoints(out), stats],
+        callbacks=callbacks,
         **trainer_args(config),
     )
     if trainer.is_global_zero:
-        config.save(out / "config.yaml")
+        config.write_to(out)
         log.info(
             "training %s with %s on %d process(es) (%d node(s) x %d)",
             config.model.name,
@@ -150,9 +208,11 @@ def run_train(config: RunConfig) -> dict[str, Any] | None:
         )
     trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume)
     summary = stats.summary(trainer)
-    validated = trainer.validate(module, datamodule=data, verbose=False)[0]
-    tested = trainer.test(module, datamodule=data, verbose=False)[0]
-    save_final_weights(trainer, module, out / "model.safetensors")
+    best = trainer.checkpoint_callback.best_model_path if config.trainer.load_best_at_end else ""
+    evaluated = best or None  # None: the weights in memory, the last ones
+    validated = trainer.validate(module, datamodule=data, ckpt_path=evaluated, verbose=False)[0]
+    tested = trainer.test(module, datamodule=data, ckpt_path=evaluated, verbose=False)[0]
+    save_final_weights(trainer, module, out / "model.safetensors")  # after test: the evaluated weights
     if not trainer.is_global_zero:
         return None
     results = {
@@ -162,13 +222,15 @@ def run_train(config: RunConfig) -> dict[str, Any] | None:
         "devices": parallel.devices,
         "precision": config.trainer.precision,
         "global_step": trainer.global_step,
+        "stopped_early": trainer.global_step < config.trainer.max_steps,
         **summary,
         "eval_loss": validated["val/loss"],
         "eval_accuracy": validated["val/acc"],
         "test_loss": tested["test/loss"],
         "test_accuracy": tested["test/acc"],
+        "evaluated_checkpoint": str(Path(best).relative_to(out.resolve())) if best else "last weights",
     }
-    (out / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results(out, results)
     log.info(
         "test accuracy %.4f after %d steps; %.0f samples/s",
         results["test_accuracy"],

@@ -53,7 +53,7 @@ def test_multi_rank_peer_counts_once_contributes_all_its_ranks_samples_and_keeps
         stop_all(processes)
     logs = {name: (tmp_path / name / "log.txt").read_text() for name in ("multi", "single")}
     assert codes == [0, 0], {name: log[-3000:] for name, log in logs.items()}
-    results = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("multi", "single")}
+    results = {name: json.loads((tmp_path / name / "all_results.json").read_text()) for name in ("multi", "single")}
     assert results["single"]["swarm_epoch"] == results["multi"]["swarm_epoch"] == STEPS
     assert results["multi"]["local_ranks"] == 2
 

@@ -10,7 +10,8 @@ import torch
 
 from peer.config import load_config
 from peer.data import VisionDataModule, num_classes
-from peer.module import ImageClassifier, WarmupCosine, build_model, image_config
+from peer.module import ImageClassifier, Schedule, build_model, image_config
+from peer.progress import ProgressBar
 from peer.strategy import HivemindStrategy
 from peer.swarm import start_dht
 
@@ -42,11 +43,11 @@ def fit(config, dht, max_steps: int, ckpt_dir: Path, resume: Path | None = None)
         max_steps=max_steps,
         max_epochs=-1,
         logger=False,
-        enable_progress_bar=False,
+        enable_progress_bar=True,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[pl.callbacks.ModelCheckpoint(ckpt_dir, save_last=True, save_top_k=0)],
+        callbacks=[pl.callbacks.ModelCheckpoint(ckpt_dir, save_last=True, save_top_k=0), ProgressBar()],
     )
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     return trainer, strategy
@@ -60,8 +61,15 @@ def test_global_step_and_lr_follow_swarm_steps_and_checkpoint_restores_them(conf
         assert opt.local_epoch == 3 and trainer.global_step == 3
         # 64 samples per swarm step at 32 per local step: Lightning ran 6 local steps for 3 swarm steps
         assert trainer.fit_loop.epoch_loop._batches_that_stepped == 6
-        schedule = WarmupCosine(config.optim.warmup_steps, config.trainer.max_steps)
+        schedule = Schedule("cosine", config.optim.warmup_steps, config.trainer.max_steps)
         assert opt.opt.param_groups[0]["lr"] == pytest.approx(config.optim.lr * schedule(3))
+
+        # the progress bar shows the swarm's numbers beside the loss
+        bar = next(callback for callback in trainer.callbacks if isinstance(callback, ProgressBar))
+        shown = bar.get_metrics(trainer, trainer.lightning_module)
+        assert shown["swarm"] == "3/3" and shown["peers"] == 1 and shown["samples"].endswith("/64")
+        assert float(shown["lr"]) == pytest.approx(opt.opt.param_groups[0]["lr"], rel=1e-2)
+        assert float(shown["samples/s"]) > 0 and "train/loss" in shown
 
         checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
         assert checkpoint["swarm_epoch"] == 3

@@ -30,6 +30,7 @@ from peer.parallel import shard_model
 STEPS = 40  # digits_tiny: about 2 epochs of its training split at 2 x 32 samples per step
 RESULT_KEYS = {"train_runtime", "train_samples", "train_samples_per_second", "epoch_time_seconds"}
 RESULT_KEYS |= {"peak_memory_allocated_bytes", "peak_memory_reserved_bytes", "eval_accuracy", "test_accuracy"}
+RESULT_KEYS |= {"train_loss", "eval_loss", "epoch", "evaluated_checkpoint"}
 
 
 def train(output_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -78,7 +79,10 @@ def test_fsdp_on_two_cpu_ranks_checkpoint_evaluates_the_same_on_one_device(tmp_p
     assert RESULT_KEYS <= results.keys() and results["train_samples"] == STEPS * 2 * 32
     assert results["train_samples_per_second"] > 0 and results["epoch_time_seconds"] > 0
 
-    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # the best checkpoint by val/loss was evaluated and exported (load_best_at_end)
+    assert results["evaluated_checkpoint"].startswith("checkpoints/best-step=")
+    assert 0 < results["train_loss"] < 3 and results["epoch"] == pytest.approx(STEPS * 64 / 1257, abs=0.01)
+    checkpoint = torch.load(out / results["evaluated_checkpoint"], map_location="cpu", weights_only=True)
     weights = {name.removeprefix("net."): t for name, t in checkpoint["state_dict"].items() if name.startswith("net.")}
     tested = single_device_test(weights)
     assert tested["test/acc"] == pytest.approx(results["test_accuracy"], abs=1e-6)
