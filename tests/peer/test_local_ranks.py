@@ -56,6 +56,13 @@ def test_multi_rank_peer_counts_once_contributes_all_its_ranks_samples_and_keeps
     results = {name: json.loads((tmp_path / name / "all_results.json").read_text()) for name in ("multi", "single")}
     assert results["single"]["swarm_epoch"] == results["multi"]["swarm_epoch"] == STEPS
     assert results["multi"]["local_ranks"] == 2
+    for name in ("multi", "single"):  # a peer's run files are a train run's: results keys, history, config
+        assert {"train_loss", "train_runtime", "train_samples_per_second", "eval_loss", "eval_accuracy", "epoch"} <= (
+            results[name].keys()
+        )
+        steps = json.loads((tmp_path / name / "history" / "history.json").read_text())["steps"]
+        assert steps[-1]["step"] == STEPS and steps[-1]["swarm/peers"] == 2
+        assert json.loads((tmp_path / name / "config.json").read_text())["swarm"]["run_id"] == "local-ranks"
 
     # the swarm counts the 2-rank host as one peer
     for name in ("multi", "single"):
