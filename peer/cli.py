@@ -110,6 +110,7 @@ def setup_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import pytorch_lightning  # noqa: F401  its import sets its loggers to INFO: import it before setting them
     from hivemind.utils.logging import use_hivemind_log_handler
 
     use_hivemind_log_handler("in_root_logger")  # hivemind's records go through the root logger's handler

@@ -109,7 +109,8 @@ class SwarmConfig(Section):
     announce_maddrs: list[str] = Field(default_factory=list)
     """Full announce multiaddrs, when ``announce_ip`` is not enough."""
     identity_path: Path | None = None
-    """Private key file giving this peer a stable peer id (and so a stable address) across restarts."""
+    """Private key file giving this peer a stable peer id (and so a stable address) across restarts; created on the
+    first start. None: ``identity.key`` in the run's output directory (``vitpeer join``)."""
     client_mode: bool = False
     """Do not accept incoming connections (peer behind a firewall without a forwarded port); uses others to average."""
     use_relay: bool = True

@@ -17,6 +17,7 @@ from monitor.peer import PeerExporter
 from monitor.serve import MetricsServer
 from peer.config import RunConfig
 from peer.data import VisionDataModule, num_classes
+from peer.leave import LeaveOnSignal
 from peer.module import ImageClassifier, build_model, image_config
 from peer.parallel import check_precision, device_type, sharder
 from peer.report import SwarmReporter
@@ -74,8 +75,12 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
     (``LOCAL_RANK`` set): they follow the leader (see ``peer.strategy._SwarmSteps``) and touch neither the DHT nor
     the output files. They return None."""
     refuse_in_swarm(config)
+    leave = LeaveOnSignal()
+    leave.install()  # from here on, SIGTERM or Ctrl-C means: leave cleanly
     leader = os.environ.get("LOCAL_RANK", "0") == "0"
     out = config.trainer.output_dir
+    if config.swarm.identity_path is None:  # the same peer id after a restart: the key lives with the run's files
+        config.swarm.identity_path = out / "identity.key"
     if leader:
         out.mkdir(parents=True, exist_ok=True)
         config.write_to(out)
@@ -86,12 +91,6 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
     try:
         if dht is not None:
             maddrs = reachable_maddrs(dht, config.swarm)
-            if config.swarm.initial_peers:
-                count = len(config.swarm.initial_peers)
-                log.info("joined swarm %r through %d initial peer(s)", config.swarm.run_id, count)
-            else:
-                log.info("started a new swarm %r", config.swarm.run_id)
-            log.info("others join with: %s", join_hint(maddrs, config.swarm.run_id))
             (out / "initial_peers.txt").write_text("\n".join(maddrs) + "\n")
             os.environ[ORDER_SEED_ENV] = str(data_order_seed(dht, config.trainer.seed))
 
@@ -113,15 +112,23 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
         if exporter is not None:
             exporter.watch(dht.peer_id.to_base58(), config.swarm.run_id, strategy, reporter)
             metrics_server = MetricsServer(exporter.registry, config.monitor.addr, config.monitor.port)
-            log.info("metrics for Prometheus at %s", metrics_server.url)
+        strategy.leave = leave.requested
+        callbacks.append(leave)
         trainer = pl.Trainer(
             strategy=strategy, accelerator=accelerator(config), callbacks=callbacks, **trainer_args(config)
         )
+        if dht is not None:
+            log.info("%s", startup_summary(config, dht, maddrs, trainer, metrics_server))
         started = time.monotonic()
         trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume)
         train_seconds = time.monotonic() - started
         swarm_epoch = trainer.global_step
         summary = stats.summary(trainer)
+        if leave.requested.is_set():  # leaving: the checkpoint is written; testing would keep the volunteer waiting
+            if dht is not None:
+                write_results(out, {"swarm_epoch": swarm_epoch, "left_early": True, **summary})
+                log.info("left the swarm at swarm step %d; checkpoint in %s", swarm_epoch, out / "checkpoints")
+            return None
         validated = trainer.validate(module, datamodule=data, verbose=False)[0]
         tested = trainer.test(module, datamodule=data, verbose=False)[0]
         if trainer.world_size > 1:  # each rank says what it holds: the ranks must agree, bit for bit
@@ -151,6 +158,35 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
             metrics_server.shutdown()
         if dht is not None:
             dht.shutdown()
+
+
+def startup_summary(
+    config: RunConfig, dht: hivemind.DHT, maddrs: list[str], trainer: pl.Trainer, metrics: MetricsServer | None
+) -> str:
+    """One block at start: who this peer is, what it brings, where its metrics are, how others join."""
+    swarm, data, parallel = config.swarm, config.data, config.parallel
+    if torch.cuda.is_available() and accelerator(config) != "cpu":
+        names = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
+        hardware = f"{len(names)} x {names[0]}" if len(set(names)) == 1 else ", ".join(names)
+    else:
+        hardware = f"CPU, {torch.get_num_threads()} threads"
+    ranks = trainer.world_size
+    lines = [
+        f"peer {dht.peer_id.to_base58()} "
+        + (
+            f"joined run {swarm.run_id!r} through {len(swarm.initial_peers)} initial peer(s)"
+            if swarm.initial_peers
+            else f"started run {swarm.run_id!r}"
+        ),
+        f"  identity     {swarm.identity_path} (the same peer id after a restart)",
+        f"  hardware     {hardware}; {parallel.strategy} over {ranks} local rank(s)",
+        f"  contributes  {data.batch_size * ranks} samples per local step ({data.batch_size} x {ranks}), precision "
+        f"{config.trainer.precision}, toward {swarm.target_batch_size} per swarm step; {config.model.name} on "
+        f"{data.source}, {config.trainer.max_steps} swarm steps",
+        f"  metrics for Prometheus at {metrics.url}" if metrics else "  metrics      off (--metrics-port PORT)",
+        f"  others join with: {join_hint(maddrs, swarm.run_id)}",
+    ]
+    return "\n".join(lines)
 
 
 def accelerator(config: RunConfig) -> str:

@@ -18,6 +18,7 @@ peers that joined at different times agree on the learning rate).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -200,13 +201,16 @@ class _SwarmSteps:
        local step, a state download). When the version moved, all parameters and buffers follow. No rank changes a
        parameter otherwise, so all ranks hold identical full parameters after every local step, the leader's.
     4. Every rank sets Lightning's step counter from that broadcast epoch, so all stop together at ``max_steps``
-       and none waits alone in a collective.
+       and none waits alone in a collective; the broadcast also carries the leader's ``leave`` (a signal), so all
+       ranks stop at the same step then too.
     """
 
     def _init_swarm(self, swarm: SwarmConfig, dht: hivemind.DHT | None, events: SwarmEvents | None) -> None:
         self.swarm, self.dht, self.events = swarm, dht, events
         self._batch_size: int | None = None
         self._followed_epoch = self._followed_version = -1
+        self.leave = threading.Event()
+        """Set (by ``peer.leave.LeaveOnSignal``) to stop after the current local step; the leader's decides."""
 
     @property
     def leader(self) -> bool:
@@ -308,15 +312,18 @@ class _SwarmSteps:
         """Every rank: take the leader's swarm epoch and, when its parameters moved (or ``force``), the parameters."""
         if self.world_size == 1:
             self._followed_epoch = self.optimizer.local_epoch
-            return
-        leader = [self.optimizer.local_epoch, self.optimizer.parameters_version] if self.leader else [0, 0]
-        state = torch.tensor(leader, device=self.root_device)
-        torch.distributed.broadcast(state, src=0)
-        epoch, version = (int(value) for value in state.tolist())
-        if force or version != self._followed_version:
-            with torch.no_grad():
-                self._sync_parameters()
-        self._followed_epoch, self._followed_version = epoch, version
+            leaving = self.leave.is_set()
+        else:
+            mine = [self.optimizer.local_epoch, self.optimizer.parameters_version] if self.leader else [0, 0]
+            state = torch.tensor([*mine, int(self.leave.is_set())], device=self.root_device)
+            torch.distributed.broadcast(state, src=0)
+            epoch, version, leaving = (int(value) for value in state.tolist())
+            if force or version != self._followed_version:
+                with torch.no_grad():
+                    self._sync_parameters()
+            self._followed_epoch, self._followed_version = epoch, version
+        if leaving:
+            self.lightning_module.trainer.should_stop = True
 
     # --- where the strategies differ: what hivemind optimizes, how gradients reach it, how ranks follow ----------
 

@@ -35,6 +35,7 @@ from peer import progress
 from peer.config import RunConfig
 from peer.data import VisionDataModule, num_classes
 from peer.history import History
+from peer.leave import AtomicCheckpointIO
 from peer.module import ImageClassifier, build_model, image_config
 from peer.parallel import check_precision, device_type, lightning_strategy, sharder
 
@@ -134,6 +135,7 @@ def trainer_args(config: RunConfig) -> dict[str, Any]:
         "enable_progress_bar": progress.wanted(config.trainer.progress_bar),
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
+        "plugins": [AtomicCheckpointIO()],  # a stopped or killed run leaves whole checkpoints
     }
 
 

@@ -1,0 +1,68 @@
+"""Leaving a swarm cleanly on SIGTERM (``docker stop``, systemd, Kubernetes) or Ctrl-C.
+
+The first signal asks the peer to leave: it finishes the local step it is in (a swarm round it takes part in ends
+normally, so the others lose nothing), Lightning stops (``trainer.should_stop``), the last checkpoint is written
+(whole: see ``AtomicCheckpointIO``), hivemind says goodbye (its progress record expires at once, so the others stop
+counting this peer) and the DHT and its p2p daemon are shut down; the command exits 0. A second signal exits at once,
+with 128 + the signal's number, as a shell reports a killed command.
+
+Lightning installs its own SIGTERM handler while it fits, which ends a run with an exception and exit code 1;
+``LeaveOnSignal`` takes SIGTERM back at the start of training. Every local rank of a multi-device peer gets the
+leader's decision with its step broadcast (``peer.strategy._SwarmSteps``), so all ranks stop at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class LeaveOnSignal(pl.Callback):
+    """Sets ``requested`` on the first SIGTERM/SIGINT, exits the process on the second. ``install`` it as soon as
+    the run starts; as a callback it installs itself again when training starts, after Lightning's own handler."""
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self.pid = os.getpid()
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            for signum in SIGNALS:
+                signal.signal(signum, self._handle)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.install()
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if os.getpid() != self.pid:  # a child forked after install (hivemind's DHT, its averagers): default action
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        name = signal.Signals(signum).name
+        if self.requested.is_set():
+            log.warning("%s again: exiting now, without a clean leave", name)
+            os._exit(128 + signum)
+        self.requested.set()
+        log.info("%s: leaving the swarm after this step (a second signal exits at once)", name)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside it, then renames it into place: a peer stopped or killed while
+    saving leaves the previous complete checkpoint, never a half-written one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, path)
