@@ -108,6 +108,10 @@ def setup_logging(verbose: bool) -> None:
     """Our progress lines on stdout; hivemind and Lightning only when they warn (or everything with --verbose)."""
     if not verbose:  # before importing hivemind, whose imports already warn
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # a run that ends before its first validation has no val/loss yet: last.ckpt is written all the same
+        warnings.filterwarnings("ignore", message=r".*could not find the monitored key.*")
+        # the run directory already holds config.yaml when the CSV logger opens it
+        warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     import pytorch_lightning  # noqa: F401  its import sets its loggers to INFO: import it before setting them
