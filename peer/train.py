@@ -142,24 +142,35 @@ def trainer_args(config: RunConfig) -> dict[str, Any]:
 def run_callbacks(config: RunConfig) -> list[pl.Callback]:
     """What every run records, ``train`` and ``join`` alike: checkpoints, history, the progress bar when shown."""
     out = config.trainer.output_dir
-    callbacks: list[pl.Callback] = [checkpoints(out, config.trainer.save_top_k), History(out)]
+    callbacks: list[pl.Callback] = [*checkpoints(out, config.trainer.save_top_k), History(out)]
     if progress.wanted(config.trainer.progress_bar):
         callbacks.append(progress.ProgressBar())
     return callbacks
 
 
-def checkpoints(out: Path, best: int = 0) -> ModelCheckpoint:
-    """``checkpoints/last.ckpt``, rewritten at every validation and at the end, and the ``best`` checkpoints by
-    ``val/loss`` (``best-step=S-loss=L.ckpt``; a better one replaces the worst beyond ``best``)."""
-    return ModelCheckpoint(
+def checkpoints(out: Path, best: int = 0) -> list[ModelCheckpoint]:
+    """``checkpoints/last.ckpt``, rewritten at every validation and at the end; and, when ``best`` > 0, the ``best``
+    checkpoints by ``val/loss`` (``best-step=S-loss=L.ckpt``; a better one replaces the worst beyond ``best``).
+
+    Two callbacks, because one that monitors ``val/loss`` writes ``last.ckpt`` only when it also saves a best one,
+    so a run ending between validations would keep a stale ``last.ckpt``."""
+    last = ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0)
+    if not best:
+        return [last]
+    ranked = ModelCheckpoint(
         out / "checkpoints",
         filename="best-step={step}-loss={val/loss:.4f}",
         auto_insert_metric_name=False,  # the metric's "/" would make a folder
-        monitor="val/loss" if best else None,
+        monitor="val/loss",
         mode="min",
-        save_last=True,
         save_top_k=best,
     )
+    return [last, ranked]
+
+
+def best_checkpoint(trainer: pl.Trainer) -> str:
+    """The path of the best checkpoint by ``val/loss`` so far, or "" when none was kept."""
+    return next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.monitor == "val/loss"), "")
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
@@ -210,7 +221,7 @@ def run_train(config: RunConfig) -> dict[str, Any] | None:
         )
     trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume)
     summary = stats.summary(trainer)
-    best = trainer.checkpoint_callback.best_model_path if config.trainer.load_best_at_end else ""
+    best = best_checkpoint(trainer) if config.trainer.load_best_at_end else ""
     evaluated = best or None  # None: the weights in memory, the last ones
     validated = trainer.validate(module, datamodule=data, ckpt_path=evaluated, verbose=False)[0]
     tested = trainer.test(module, datamodule=data, ckpt_path=evaluated, verbose=False)[0]
