@@ -113,6 +113,7 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
             exporter.watch(dht.peer_id.to_base58(), config.swarm.run_id, strategy, reporter)
             metrics_server = MetricsServer(exporter.registry, config.monitor.addr, config.monitor.port)
         strategy.leave = leave.requested
+        leave.while_leaving.append(strategy.abort_rounds)
         callbacks.append(leave)
         trainer = pl.Trainer(
             strategy=strategy, accelerator=accelerator(config), callbacks=callbacks, **trainer_args(config)

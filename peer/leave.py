@@ -1,7 +1,8 @@
 """Leaving a swarm cleanly on SIGTERM (``docker stop``, systemd, Kubernetes) or Ctrl-C.
 
-The first signal asks the peer to leave: it finishes the local step it is in (a swarm round it takes part in ends
-normally, so the others lose nothing), Lightning stops (``trainer.should_stop``), the last checkpoint is written
+The first signal asks the peer to leave: it gives up the averaging round it waits in, if any (the step ends with its
+local gradients at once instead of after ``swarm.averaging_timeout``; the others' round goes on without it), starts
+no new one, finishes the local step it is in, Lightning stops (``trainer.should_stop``), the last checkpoint is written
 (whole: see ``AtomicCheckpointIO``), hivemind says goodbye (its progress record expires at once, so the others stop
 counting this peer) and the DHT and its p2p daemon are shut down; the command exits 0. A second signal exits at once,
 with 128 + the signal's number, as a shell reports a killed command.
@@ -17,6 +18,8 @@ import logging
 import os
 import signal
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,9 @@ class LeaveOnSignal(pl.Callback):
     def __init__(self):
         self.requested = threading.Event()
         self.pid = os.getpid()
+        self.while_leaving: list[Callable[[], None]] = []
+        """Run every half second from a helper thread once a leave is requested (not in the signal handler, which
+        interrupts the training loop wherever it is): e.g. ``_SwarmSteps.abort_rounds``."""
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
@@ -55,6 +61,16 @@ class LeaveOnSignal(pl.Callback):
             os._exit(128 + signum)
         self.requested.set()
         log.info("%s: leaving the swarm after this step (a second signal exits at once)", name)
+        threading.Thread(target=self._keep_leaving, name="vitpeer-leave", daemon=True).start()
+
+    def _keep_leaving(self) -> None:
+        while True:
+            for action in self.while_leaving:
+                try:
+                    action()
+                except Exception as err:  # a failed abort must not hide the leave itself
+                    log.warning("while leaving: %r", err)
+            time.sleep(0.5)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

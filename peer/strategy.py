@@ -303,6 +303,18 @@ class _SwarmSteps:
         self._follow_leader()
         return result
 
+    def abort_rounds(self) -> None:
+        """Leaving (``peer.leave``, from a helper thread): cancel the gradient round this peer waits in or has
+        scheduled, so its step ends now with local gradients instead of at ``averaging_timeout``, and start no more
+        state-averaging rounds."""
+        if not self.leader or not self.optimizers or not isinstance(self.optimizers[0], SwarmOptimizer):
+            return
+        optimizer = self.optimizer
+        optimizer.average_state_every = 2**31  # hivemind averages state when the next epoch divides by this
+        for control in (optimizer.scheduled_grads, optimizer.scheduled_state):
+            if control is not None and not control.done():
+                control.cancel()
+
     def _apply_pending_updates(self) -> None:
         """The leader: wait for hivemind's background state-averaging round (and, with ``overlap``, the optimizer
         step) still in flight and apply its result to the parameters."""
