@@ -4,34 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
+
+from peer.doctor import descendants
 
 KEEP = {"torch_shm_manag"}  # torch's shared-memory helper: it leaves with us, and killing it first aborts the exit
 
 
 def _children(pid: int) -> list[int]:
     """All descendants of ``pid`` (p2p daemons, peer processes) but torch's own helper, read from /proc."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            try:
-                name = Path(f"/proc/{child}/comm").read_text().strip()
-            except OSError:
-                continue
-            if name not in KEEP:
-                found.append(child)
-            todo.append(child)
-    return found
+    return [child for child, name in descendants(pid) if name not in KEEP]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,6 +14,7 @@ import torch
 from processes import spawn, wait_for
 
 from peer.demo import stop_all
+from peer.doctor import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -43,24 +44,8 @@ def peer_id(log: Path, since: int = 0) -> str | None:
 
 
 def p2p_daemons(pid: int) -> set[int]:
-    """The p2pd processes under ``pid`` (through hivemind's DHT process), read from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            try:
-                if Path(f"/proc/{child}/comm").read_text().strip() == "p2pd":
-                    found.add(child)
-            except OSError:
-                continue
-            todo.append(child)
-    return found
+    """The p2pd processes under ``pid`` (through hivemind's DHT process)."""
+    return {child for child, name in descendants(pid) if name == "p2pd"}
 
 
 def alive(pid: int) -> bool:
