@@ -209,6 +209,9 @@ def profile_model(
         "size_mb": sum(t.numel() * t.element_size() for t in tensors) / 2**20,
         "flops": flops,
         "macs": flops // 2,
+        # what most published tables (and torch's counter on CPU before our formula) give: no attention products
+        "flops_without_attention": flops - flops_by_kind.get("attention", 0),
+        "macs_without_attention": (flops - flops_by_kind.get("attention", 0)) // 2,
         "flops_by_kind": flops_by_kind,
         "latency_ms_median": statistics.median(times),
         "latency_ms_p90": percentile(times, 90),
@@ -238,8 +241,9 @@ def format_profile(result: dict[str, Any]) -> str:
         ("input", " x ".join(str(side) for side in result["input_shape"])),
         ("parameters", f"{si(result['params_total'])} (trainable {si(result['params_trainable'])})"),
         ("size", f"{result['size_mb']:.1f} MiB (parameters + buffers)"),
-        ("MACs", si(result["macs"])),
+        ("MACs", f"{si(result['macs'])} ({si(result['macs_without_attention'])} without attention products)"),
         ("FLOPs", f"{si(result['flops'])} ({split})" if split else si(result["flops"])),
+        ("", f"{si(result['flops_without_attention'])} without attention products, as most published tables count"),
         (
             "latency",
             f"median {result['latency_ms_median']:.1f} ms, p90 {result['latency_ms_p90']:.1f} ms "

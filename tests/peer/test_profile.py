@@ -43,6 +43,8 @@ def test_vit_base_matches_the_issue():
     assert 325 < result["size_mb"] < 335  # float32: 86.57 M x 4 bytes = 330.2 MiB
     by_kind = result["flops_by_kind"]
     assert (by_kind["matmul"] + by_kind["conv"]) / 1e9 == pytest.approx(33.70, abs=0.05)
+    assert result["flops_without_attention"] / 1e9 == pytest.approx(33.70, abs=0.05)  # the issue's figures
+    assert result["macs_without_attention"] / 1e9 == pytest.approx(16.85, abs=0.03)
     blocks, heads, tokens, head_dim = 12, 12, 14 * 14 + 1, 64  # Q @ K^T and scores @ V, 2 FLOPs per MAC
     assert by_kind["attention"] == blocks * 2 * 2 * heads * tokens * tokens * head_dim  # 1.43 G
     assert result["flops"] == sum(by_kind.values())
