@@ -113,13 +113,24 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
             exporter.watch(dht.peer_id.to_base58(), config.swarm.run_id, strategy, reporter)
             metrics_server = MetricsServer(exporter.registry, config.monitor.addr, config.monitor.port)
         strategy.leave = leave.requested
-        leave.while_leaving.append(strategy.abort_rounds)
+        leave.while_leaving.append(strategy.stop_averaging_state)
         callbacks.append(leave)
         trainer = pl.Trainer(
             strategy=strategy, accelerator=accelerator(config), callbacks=callbacks, **trainer_args(config)
         )
         if dht is not None:
             log.info("%s", startup_summary(config, dht, maddrs, trainer, metrics_server))
+
+            def leave_now() -> None:
+                """Past the leave's deadline, from its thread, while the loop waits in a round: save what the
+                parameters are (one device: nothing writes them during the wait), say goodbye, stop the DHT."""
+                if trainer.world_size == 1:
+                    trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
+                strategy.say_goodbye()
+                write_results(out, {"swarm_epoch": strategy.swarm_epoch, "left_early": True, "step_finished": False})
+                dht.shutdown()  # and its p2p daemon
+
+            leave.past_deadline.append(leave_now)
         started = time.monotonic()
         trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume)
         train_seconds = time.monotonic() - started

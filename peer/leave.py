@@ -1,11 +1,12 @@
 """Leaving a swarm cleanly on SIGTERM (``docker stop``, systemd, Kubernetes) or Ctrl-C.
 
-The first signal asks the peer to leave: it gives up the averaging round it waits in, if any (the step ends with its
-local gradients at once instead of after ``swarm.averaging_timeout``; the others' round goes on without it), starts
-no new one, finishes the local step it is in, Lightning stops (``trainer.should_stop``), the last checkpoint is written
+The first signal asks the peer to leave: it starts no more state-averaging rounds, finishes the local step it is in
+(with the gradient round the others wait for), Lightning stops (``trainer.should_stop``), the last checkpoint is written
 (whole: see ``AtomicCheckpointIO``), hivemind says goodbye (its progress record expires at once, so the others stop
-counting this peer) and the DHT and its p2p daemon are shut down; the command exits 0. A second signal exits at once,
-with 128 + the signal's number, as a shell reports a killed command.
+counting this peer) and the DHT and its p2p daemon are shut down; the command exits 0. When a round waits for peers
+that are gone, that could take ``swarm.averaging_timeout``: after ``DEADLINE`` seconds the peer says goodbye, stops
+its DHT and exits 0 without finishing the step (the last checkpoint is the one written before). A second signal
+exits at once, with 128 + the signal's number, as a shell reports a killed command.
 
 Lightning installs its own SIGTERM handler while it fits, which ends a run with an exception and exit code 1;
 ``LeaveOnSignal`` takes SIGTERM back at the start of training. Every local rank of a multi-device peer gets the
@@ -29,6 +30,8 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DEADLINE = 7.0
+"""Seconds a clean leave may take before the peer leaves without finishing its step: inside Docker's 10 s grace."""
 
 
 class LeaveOnSignal(pl.Callback):
@@ -40,7 +43,11 @@ class LeaveOnSignal(pl.Callback):
         self.pid = os.getpid()
         self.while_leaving: list[Callable[[], None]] = []
         """Run every half second from a helper thread once a leave is requested (not in the signal handler, which
-        interrupts the training loop wherever it is): e.g. ``_SwarmSteps.abort_rounds``."""
+        interrupts the training loop wherever it is): e.g. ``_SwarmSteps.stop_averaging_state``."""
+        self.past_deadline: list[Callable[[], None]] = []
+        """Run from that thread when the clean leave has not ended in ``DEADLINE`` seconds (a round that waits for
+        peers that are gone): say goodbye, stop the DHT and its p2p daemon; then the process exits 0 with the last
+        checkpoint written before the signal."""
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
@@ -64,13 +71,25 @@ class LeaveOnSignal(pl.Callback):
         threading.Thread(target=self._keep_leaving, name="vitpeer-leave", daemon=True).start()
 
     def _keep_leaving(self) -> None:
-        while True:
-            for action in self.while_leaving:
-                try:
-                    action()
-                except Exception as err:  # a failed abort must not hide the leave itself
-                    log.warning("while leaving: %r", err)
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            self._run(self.while_leaving)
             time.sleep(0.5)
+        log.warning(
+            "the clean leave did not end in %.0f s (a round waits for peers): leaving now, with the last "
+            "checkpoint written before the signal",
+            DEADLINE,
+        )
+        self._run(self.past_deadline)
+        os._exit(0)
+
+    @staticmethod
+    def _run(actions: list[Callable[[], None]]) -> None:
+        for action in actions:
+            try:
+                action()
+            except Exception as err:  # one failed action must not stop the leave
+                log.warning("while leaving: %r", err)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -26,6 +26,7 @@ import hivemind
 import pytorch_lightning as pl
 import torch
 from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.utils import get_dht_time
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.data import extract_batch_size
 from torch.distributed.tensor import distribute_tensor
@@ -139,6 +140,22 @@ class SwarmOptimizer(hivemind.Optimizer):
         else:
             outcome = "loaded" if self.local_epoch > before else "current"
         self.events.state_download(outcome, time.perf_counter() - started)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.say_goodbye()
+
+    def say_goodbye(self) -> None:
+        """Tell the others this peer is gone: its progress record set to None, and wait until it is stored.
+
+        hivemind's own goodbye (in ``shutdown``) does not wait for the store, so a DHT shut down right after loses
+        it, and the others count this peer, and wait for it in their rounds, until its record expires."""
+        tracker = self.tracker
+        expiration = get_dht_time() + tracker.metadata_expiration
+        try:
+            self.dht.store(tracker.training_progress_key, None, expiration, subkey=tracker._local_public_key)
+        except Exception as err:  # the goodbye is a courtesy: leaving must not fail on it
+            log.warning("could not tell the swarm this peer left: %r", err)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         # an offloaded optimizer reads the same .grad tensors every step: zero them, never replace them
@@ -303,17 +320,17 @@ class _SwarmSteps:
         self._follow_leader()
         return result
 
-    def abort_rounds(self) -> None:
-        """Leaving (``peer.leave``, from a helper thread): cancel the gradient round this peer waits in or has
-        scheduled, so its step ends now with local gradients instead of at ``averaging_timeout``, and start no more
-        state-averaging rounds."""
-        if not self.leader or not self.optimizers or not isinstance(self.optimizers[0], SwarmOptimizer):
-            return
-        optimizer = self.optimizer
-        optimizer.average_state_every = 2**31  # hivemind averages state when the next epoch divides by this
-        for control in (optimizer.scheduled_grads, optimizer.scheduled_state):
-            if control is not None and not control.done():
-                control.cancel()
+    def stop_averaging_state(self) -> None:
+        """Leaving (``peer.leave``, from a helper thread): start no more state-averaging rounds. The gradient round
+        in flight goes on, so the others, who wait for this peer's part, lose nothing."""
+        if self.leader and self.optimizers and isinstance(self.optimizers[0], SwarmOptimizer):
+            self.optimizer.average_state_every = 2**31  # hivemind averages state when the next epoch divides by it
+
+    def say_goodbye(self) -> None:
+        """Leaving past the deadline (``peer.leave``, from a helper thread): tell the swarm, without waiting for
+        the training loop."""
+        if self.leader and self.optimizers and isinstance(self.optimizers[0], SwarmOptimizer):
+            self.optimizer.say_goodbye()
 
     def _apply_pending_updates(self) -> None:
         """The leader: wait for hivemind's background state-averaging round (and, with ``overlap``, the optimizer
