@@ -90,6 +90,7 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def __init__(self, events: SwarmEvents | None = None, **kwargs):
         self.events = events or SwarmEvents()
+        self._averager_opts = dict(kwargs.get("averager_opts") or {})
         super().__init__(**kwargs)
         self._loaders = []
         for averager in (self.state_averager, self.grad_averager):
@@ -112,6 +113,12 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self.parameters_version += 1
 
         return wrapped
+
+    def _make_gradient_averager(self, factory, **kwargs):
+        # hivemind 1.1.12 forwards averager_opts to the state averager only, though its docstring says both: the
+        # gradient averager kept request_timeout = 3 s against a shorter matchmaking_time, which hivemind itself
+        # warns "can cause deadlocks" (a demo peer pair once failed every gradient round for 56 rounds so).
+        return super()._make_gradient_averager(factory, **{**self._averager_opts, **kwargs})
 
     # The two hooks below wrap hivemind 1.1.12's own steps (private names, pinned version) without changing them.
 
