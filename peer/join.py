@@ -133,6 +133,7 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
             leave.past_deadline.append(leave_now)
         started = time.monotonic()
         trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume)
+        leave.settled.set()  # the step and the checkpoint are done: no deadline exit while results are written
         train_seconds = time.monotonic() - started
         swarm_epoch = trainer.global_step
         summary = stats.summary(trainer)

@@ -44,6 +44,8 @@ class LeaveOnSignal(pl.Callback):
         self.while_leaving: list[Callable[[], None]] = []
         """Run every half second from a helper thread once a leave is requested (not in the signal handler, which
         interrupts the training loop wherever it is): e.g. ``_SwarmSteps.stop_averaging_state``."""
+        self.settled = threading.Event()
+        """Set once training has ended: from then on the main thread finishes the leave, with no deadline."""
         self.past_deadline: list[Callable[[], None]] = []
         """Run from that thread when the clean leave has not ended in ``DEADLINE`` seconds (a round that waits for
         peers that are gone): say goodbye, stop the DHT and its p2p daemon; then the process exits 0 with the last
@@ -74,7 +76,8 @@ class LeaveOnSignal(pl.Callback):
         deadline = time.monotonic() + DEADLINE
         while time.monotonic() < deadline:
             self._run(self.while_leaving)
-            time.sleep(0.5)
+            if self.settled.wait(0.5):  # training ended: the clean leave finishes on the main thread
+                return
         log.warning(
             "the clean leave did not end in %.0f s (a round waits for peers): leaving now, with the last "
             "checkpoint written before the signal",

@@ -327,17 +327,23 @@ class _SwarmSteps:
         self._follow_leader()
         return result
 
+    @property
+    def _swarm_optimizer(self) -> SwarmOptimizer | None:
+        """The leader's hivemind optimizer once fit has made it; None on followers and before."""
+        found = self.optimizers[0] if self.optimizers else None
+        return found if isinstance(found, SwarmOptimizer) else None
+
     def stop_averaging_state(self) -> None:
         """Leaving (``peer.leave``, from a helper thread): start no more state-averaging rounds. The gradient round
         in flight goes on, so the others, who wait for this peer's part, lose nothing."""
-        if self.leader and self.optimizers and isinstance(self.optimizers[0], SwarmOptimizer):
-            self.optimizer.average_state_every = 2**31  # hivemind averages state when the next epoch divides by it
+        if (optimizer := self._swarm_optimizer) is not None:
+            optimizer.average_state_every = 2**31  # hivemind averages state when the next epoch divides by it
 
     def say_goodbye(self) -> None:
         """Leaving past the deadline (``peer.leave``, from a helper thread): tell the swarm, without waiting for
         the training loop."""
-        if self.leader and self.optimizers and isinstance(self.optimizers[0], SwarmOptimizer):
-            self.optimizer.say_goodbye()
+        if (optimizer := self._swarm_optimizer) is not None:
+            optimizer.say_goodbye()
 
     def _apply_pending_updates(self) -> None:
         """The leader: wait for hivemind's background state-averaging round (and, with ``overlap``, the optimizer
@@ -395,8 +401,8 @@ class _SwarmSteps:
         super().on_train_end()
 
     def teardown(self) -> None:
-        if self.optimizers and isinstance(self.optimizers[0], SwarmOptimizer) and self.optimizers[0].is_alive():
-            self.optimizers[0].shutdown()  # teardown runs after fit and again after test
+        if (optimizer := self._swarm_optimizer) is not None and optimizer.is_alive():
+            optimizer.shutdown()  # teardown runs after fit and again after test
         super().teardown()
 
 
