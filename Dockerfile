@@ -49,6 +49,8 @@ USER 10001:10001
 VOLUME /data
 WORKDIR /data
 # 31337: DHT (libp2p, TCP), open it to the internet; 9470: a peer's /metrics; 8470: the coordinator's HTTP API.
+# Both HTTP servers bind 127.0.0.1 unless asked, which a published port cannot reach: pass --metrics-addr 0.0.0.0
+# (a peer) or --http-host 0.0.0.0 (a coordinator).
 EXPOSE 31337 9470 8470
 
 # Healthy while /metrics answers: a peer's exporter (VITPEER_METRICS_PORT, default 9470), or the coordinator's API

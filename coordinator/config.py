@@ -20,8 +20,9 @@ class CoordinatorConfig(Section):
     """Listen multiaddrs instead of all IPv4 interfaces at ``host_port`` (tests use loopback)."""
     announce_ip: str | None = None
     """Public IP to announce when this host is behind NAT with ``host_port`` forwarded."""
-    http_host: str = "0.0.0.0"
-    """Interface of the read-only HTTP API (/initial-peers, /status, /config)."""
+    http_host: str = "127.0.0.1"
+    """Interface of the read-only HTTP API (/initial-peers, /status, /config, /metrics): this host only by default;
+    0.0.0.0 when volunteers, a Prometheus elsewhere or a container's published port must reach it."""
     http_port: int = Field(default=DEFAULT_HTTP_PORT, ge=0, le=65535)
     """Port of the HTTP API; 0 picks a free one (printed at start)."""
     checkpoint_every_steps: int = Field(default=50, ge=0)

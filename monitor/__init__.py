@@ -8,7 +8,7 @@ Files, from the host up to the swarm:
 - ``swarm.py``: swarm series from the peers' signed DHT records (alive peers, swarm samples/s, epoch, loss, one
   series per peer) and the coordinator's checkpoint series; served on the coordinator's ``/metrics``.
 - ``run.py``: ``vitpeer monitor``, the swarm series without a coordinator.
-- ``serve.py``: prometheus_client's HTTP server around a registry.
+- ``serve.py``: the read-only HTTP server of every endpoint (GET/HEAD; bounded request size, time, connections).
 - ``grafana/``: dashboard JSON and provisioning; ``prometheus.yml`` and ``compose.yaml``: a local stack.
 
 Names follow Prometheus conventions: the ``vitpeer_`` prefix, base units (``_seconds``, ``_bytes``, ``_watts``,

@@ -1,22 +1,273 @@
-"""Serving a registry on ``/metrics`` in a background thread (prometheus_client's own HTTP server)."""
+"""One small read-only HTTP server for the coordinator's API and every ``/metrics`` endpoint.
+
+Why not prometheus_client's ``start_http_server`` or a bare ``ThreadingHTTPServer``: both wait forever for a client
+that sends nothing, accept whatever method and body a client sends, and start one thread per connection without
+limit, so anyone who reaches the port can tie up a training peer or the coordinator. This one:
+
+- answers GET and HEAD of its routes only (405 with ``Allow`` otherwise) and refuses a request body unread (413);
+- refuses request targets over 2048 bytes (414); header lines over 64 KiB, or more than 100 of them, get
+  http.server's 431;
+- gives a connection ``timeout`` seconds to send its whole request (a client trickling one byte at a time is cut
+  off too), and as long again to take the response;
+- serves at most ``max_connections`` at once and answers 503 at once beyond that, without starting a thread;
+- answers 500 with one line when a route raises, and keeps serving; it logs at debug level only.
+
+One request per connection (HTTP/1.0, ``Connection: close``), so no idle keep-alive connection holds a slot. It binds
+where it is told; its callers bind 127.0.0.1 unless asked (``--metrics-addr``, ``--http-host``).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, start_http_server
+import io
+import logging
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+Route = Callable[[], tuple[str, str | bytes]]
+"""Returns (content type, body) for one GET path."""
+
+ALLOWED_METHODS = ("GET", "HEAD")
+MAX_TARGET_BYTES = 2048
+DEFAULT_TIMEOUT = 10.0
+"""Seconds a client has to send its request (and again to take the response): scrapers and ``vitpeer join`` need
+milliseconds on a LAN, a second or two across the internet."""
+DEFAULT_MAX_CONNECTIONS = 32
+"""Connections served at once, one thread each: Prometheus scrapes with one, a joining peer asks two routes."""
+SHUTDOWN_POLL = 0.1
+"""Seconds ``shutdown`` may wait for the accepting loop to notice (the standard library's 0.5 slows down tests)."""
 
 
-class MetricsServer:
+class HttpServer:
+    """Serves ``routes`` (path -> ``Route``) on ``host:port`` in a background thread until ``shutdown``.
+
+    Port 0 picks a free port (see ``port``). ``timeout`` and ``max_connections`` are the limits described in this
+    module's docstring; tests lower them. Raises ``OSError`` when the address cannot be bound.
+    """
+
+    thread_name = "http"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        routes: dict[str, Route],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ):
+        self.routes = routes
+        self.server = _Server((host, port), routes, timeout, max_connections)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, args=(SHUTDOWN_POLL,), name=self.thread_name, daemon=True
+        )
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    def shutdown(self) -> None:
+        """Stop accepting, close the port, and cut the connections still open so their threads end now."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.server.drop_connections()
+
+
+class MetricsServer(HttpServer):
     """``registry`` at ``http://addr:port/metrics`` until ``shutdown``; port 0 picks a free port (see ``url``)."""
 
-    def __init__(self, registry: CollectorRegistry, addr: str, port: int):
+    thread_name = "metrics"
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        addr: str,
+        port: int,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ):
+        routes: dict[str, Route] = {"/metrics": lambda: (CONTENT_TYPE_LATEST, generate_latest(registry))}
         try:
-            self.server, self.thread = start_http_server(port, addr=addr, registry=registry)
+            super().__init__(addr, port, routes, timeout=timeout, max_connections=max_connections)
         except OSError as err:
             raise RuntimeError(
                 f"cannot serve metrics on {addr}:{port} ({err.strerror}); pick another --metrics-port"
             ) from err
-        self.url = f"http://{addr}:{self.server.server_port}/metrics"
+        host = f"[{addr}]" if ":" in addr else addr
+        self.url = f"http://{host}:{self.port}/metrics"
 
-    def shutdown(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+
+def _address_family(host: str) -> socket.AddressFamily:
+    """IPv6 for hosts such as ``::``, IPv4 otherwise ("" means every IPv4 interface), as prometheus_client chose."""
+    if not host:
+        return socket.AF_INET
+    return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+
+def _busy_response(max_connections: int) -> bytes:
+    body = f"503 busy: {max_connections} connections open; try again\n".encode()
+    head = (
+        "HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class _Server(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` that keeps its open connections, to refuse those beyond the limit and to cut them."""
+
+    block_on_close = False  # shutdown must not wait for slow clients: drop_connections ends them instead
+    request_queue_size = 64  # a burst waits in the kernel's queue and gets its 503, rather than a dropped SYN
+
+    def __init__(self, address: tuple[str, int], routes: dict[str, Route], timeout: float, max_connections: int):
+        self.address_family = _address_family(address[0])
+        self.routes, self.request_timeout, self.max_connections = routes, timeout, max_connections
+        self.open: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        """Bind without http.server's reverse DNS lookup of the host, which hangs where no DNS server answers."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        with self.lock:
+            admitted = len(self.open) < self.max_connections
+            if admitted:
+                self.open.add(request)
+        if admitted:
+            super().process_request(request, client_address)  # one daemon thread
+        else:
+            self.refuse_busy(request, client_address)
+
+    def refuse_busy(self, request: socket.socket, client_address: tuple) -> None:
+        """503 from the accepting thread without reading the request: it costs no thread and cannot block."""
+        log.debug("http %s refused: %d connections open", client_address[0], self.max_connections)
+        try:
+            request.settimeout(1.0)
+            request.sendall(_busy_response(self.max_connections))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        """Free the connection's slot before closing it, so a client that saw the close finds the slot free."""
+        with self.lock:
+            self.open.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        with self.lock:
+            connections = list(self.open)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed meanwhile
+                pass
+
+    def handle_error(self, request: socket.socket, client_address: tuple) -> None:
+        """A client that went away mid-answer is its own business: no traceback on stderr."""
+        log.debug("http connection from %s failed", client_address[0], exc_info=True)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's bytes, but no read ends after ``deadline``.
+
+    The standard reader's timeout restarts with every byte, so a client sending one byte every few seconds could
+    hold its thread for as long as it likes; here the whole request must arrive in time.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        super().__init__()
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not received in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One request: refuse what a read-only server never needs, then answer from ``server.routes``."""
+
+    server: _Server
+    error_message_format = "%(code)d %(message)s\n"  # http.server's own refusals (400, 414, 431) in one line too
+    error_content_type = "text/plain; charset=utf-8"
+
+    def version_string(self) -> str:
+        return "vitpeer"  # not the Python version
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout
+        super().setup()
+        self.rfile.close()  # the socket stays open; its reader is replaced by one with a deadline
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, time.monotonic() + self.timeout))
+
+    def parse_request(self) -> bool:
+        """http.server's parsing and header limits, then ours; False when a refusal was sent."""
+        if not super().parse_request():
+            return False
+        self.connection.settimeout(self.timeout)  # the request is in; the response gets a timeout of its own
+        if self.command not in ALLOWED_METHODS:
+            allowed = ", ".join(ALLOWED_METHODS)
+            self._send(405, "text/plain", f"405 read-only: {allowed} only\n", {"Allow": allowed})
+        elif len(self.path) > MAX_TARGET_BYTES:  # latin-1 text: one character per byte received
+            self.send_error(414, f"request target over {MAX_TARGET_BYTES} bytes")
+        elif self._has_body():
+            self.send_error(413, "no request body accepted")
+        else:
+            return True
+        return False
+
+    def _has_body(self) -> bool:
+        """Any Transfer-Encoding, or a Content-Length other than 0 (an unreadable one included)."""
+        lengths = self.headers.get_all("Content-Length", [])
+        declared = any(not value.strip().isdigit() or int(value) > 0 for value in lengths)
+        return declared or "Transfer-Encoding" in self.headers
+
+    def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        route = self.server.routes.get(path)
+        if route is None:
+            self._send(404, "text/plain", f"no such path; try {', '.join(sorted(self.server.routes))}\n")
+            return
+        try:
+            content_type, body = route()
+        except Exception as err:  # a failing route must not take the server down
+            log.debug("%s %s failed", self.command, path, exc_info=True)
+            self._send(500, "text/plain", " ".join(f"{type(err).__name__}: {err}".split()) + "\n")
+            return
+        self._send(200, content_type, body)
+
+    do_HEAD = do_GET  # _send leaves the body out
+
+    def _send(self, code: int, content_type: str, body: str | bytes, headers: dict[str, str] | None = None) -> None:
+        data = body.encode() if isinstance(body, str) else body
+        if "charset" not in content_type:
+            content_type += "; charset=utf-8"
+        self.send_response(code)
+        fields = {"Content-Type": content_type, "Content-Length": str(len(data)), "Connection": "close"}
+        for name, value in {**fields, **(headers or {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.close_connection = True
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (signature fixed by the standard library)
+        log.debug("http %s " + format, self.client_address[0], *args)

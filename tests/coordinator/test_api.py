@@ -16,10 +16,11 @@ from coordinator.api import ApiServer, Route
 from coordinator.config import CoordinatorConfig
 from peer.cli import join_config
 from peer.config import ConfigError, RunConfig, SwarmConfig, TrainerConfig, load_config, validated
-from peer.swarm import coordinator_get
+from peer.swarm import coordinator_get, default_route_ip
 
-PEER_A = "/ip4/1.2.3.4/tcp/31337/p2p/QmXyzA"
-PEER_B = "/ip4/5.6.7.8/tcp/31337/p2p/QmXyzB"
+ID_A = "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"  # well-formed peer ids (initial_peers are validated)
+PEER_A = f"/ip4/1.2.3.4/tcp/31337/p2p/{ID_A}"
+PEER_B = "/ip4/5.6.7.8/tcp/31337/p2p/QmQCU2EcMqAqQPR2i9bChDtGNJchTbq5TbXJJ16u19uLTa"
 
 
 def serve(routes: dict[str, Route]) -> Iterator[str]:
@@ -129,9 +130,24 @@ def test_shared_config_leaves_out_this_hosts_addresses_and_paths():
     assert shared.model == host.model and shared.trainer.max_steps == 700
 
     text = shared.to_yaml()
-    for private in ("10.0.0.5", "203.0.113.5", "/srv/secret", "/srv/runs", "QmXyzA"):
+    for private in ("10.0.0.5", "203.0.113.5", "/srv/secret", "/srv/runs", ID_A):
         assert private not in text
     assert load_config(text=text) == shared
+
+
+def test_default_coordinator_api_serves_this_host_only():
+    host = CoordinatorConfig().http_host
+    assert host == "127.0.0.1"
+    server = ApiServer(host, 0, {"/status": lambda: ("application/json", "{}")})
+    try:
+        assert server.server.server_address[0] == "127.0.0.1"
+        assert get(f"http://127.0.0.1:{server.port}/status")[0] == 200
+        other = default_route_ip()  # this host's address on its network, when it has one
+        if other is not None and not other.startswith("127."):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((other, server.port), timeout=2).close()
+    finally:
+        server.shutdown()
 
 
 def test_coordinator_without_any_checkpoint_schedule_is_refused():
@@ -156,7 +172,7 @@ def test_join_takes_config_and_initial_peers_from_the_coordinator(coordinator: s
 
 
 def test_join_with_another_run_id_than_the_coordinators_is_refused(coordinator: str):
-    with pytest.raises(click.UsageError) as refused:
+    with pytest.raises(click.ClickException) as refused:  # BadInput or UsageError: one line, no traceback
         join_config("digits_tiny", coordinator, {})
     ours = load_config("digits_tiny").swarm.run_id
     assert ours != "from-coord"
