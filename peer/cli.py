@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from peer import doctor, profile
+from peer import doctor, preflight, profile
 from peer.config import ConfigError, RunConfig, load_config, validated
 
 DEFAULT_CONFIG = "digits_tiny"
@@ -69,6 +71,43 @@ TRAIN_OPTIONS: dict[str, str] = {
     "early_stopping_patience": "trainer.early_stopping_patience",
     "load_best_at_end": "trainer.load_best_at_end",
 }
+
+
+COORDINATOR_WAIT = 60.0
+"""Default seconds ``--coordinator-timeout``: how long join and monitor retry a coordinator that does not answer."""
+
+
+class BadInput(click.ClickException):
+    """What the user typed or pointed at is wrong: one line on stderr, exit code 2 (the world's failures exit 1)."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def reported() -> Iterator[None]:
+    """Map what a command raises to its exit: a ``ConfigError`` from any depth (config, pre-flight, run) or a
+    missing file is the user's input, exit 2; other ``ValueError`` and ``RuntimeError`` (peers or coordinator that do
+    not answer, a daemon that does not start) are the world's, exit 1. Either way one ``Error:`` line, no traceback."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError) as err:
+        raise BadInput(str(err)) from None
+    except (ValueError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from None
+
+
+class Commands(click.Group):
+    """``vitpeer``'s group: a flag click cannot parse (wrong type, unknown option) is one ``Error:`` line with exit
+    code 2 as well, instead of click's usage banner."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # a bare group: click shows its help, keep that
+                raise
+            where = err.ctx.command_path if err.ctx is not None else ctx.command_path
+            raise BadInput(f"{err.format_message()} (see {where} --help)") from None
 
 
 def training_options(command):
@@ -148,35 +187,40 @@ def build_config(
             return load_config(None, overrides, text=text, source=source)
         return load_config(config_file or DEFAULT_CONFIG, overrides)
     except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+        raise BadInput(str(err)) from None
 
 
-def join_config(config_file: str | None, coordinator: str | None, options: dict[str, Any]) -> RunConfig:
-    """The peer's config: from --config, or from the coordinator's /config; initial peers from the coordinator
-    unless --initial-peers is given."""
+def join_config(
+    config_file: str | None, coordinator: str | None, options: dict[str, Any], wait: float = COORDINATOR_WAIT
+) -> RunConfig:
+    """The peer's config: from --config, or from the coordinator's /config (retried for ``wait`` s while it does
+    not answer); initial peers from the coordinator unless --initial-peers is given."""
     if coordinator is None:
         return build_config(config_file, options, JOIN_OPTIONS)
     from peer.swarm import coordinator_get
 
     try:
-        shared = coordinator_get(coordinator, "/config")
+        shared = coordinator_get(coordinator, "/config", wait=wait)
         if not options.get("initial_peers"):
-            options = {**options, "initial_peers": tuple(coordinator_get(coordinator, "/initial-peers").split())}
-    except (ValueError, RuntimeError) as err:
+            peers = coordinator_get(coordinator, "/initial-peers", wait=wait)
+            options = {**options, "initial_peers": tuple(peers.split())}
+    except ValueError as err:  # not an http:// address: the user's
+        raise BadInput(str(err)) from None
+    except RuntimeError as err:  # no answer, or an HTTP error: the coordinator's
         raise click.ClickException(str(err)) from None
     if config_file is None:
         return build_config(None, options, JOIN_OPTIONS, text=shared, source=f"{coordinator}/config")
     config = build_config(config_file, options, JOIN_OPTIONS)
     theirs = load_config(None, text=shared, source=coordinator).swarm.run_id
     if config.swarm.run_id != theirs:
-        raise click.UsageError(
+        raise BadInput(
             f"swarm.run_id = {config.swarm.run_id!r} but the coordinator runs {theirs!r}; "
             f"pass --run-id {theirs}, or leave out --config to use the coordinator's"
         )
     return config
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="vitpeer")
 def main() -> None:
     """vitpeer: train vision transformers together over the internet.
@@ -211,6 +255,14 @@ def main() -> None:
     help="A coordinator's HTTP address (http://HOST:PORT): initial peers, and the run's config unless --config. "
     "[env: VITPEER_COORDINATOR]",
 )
+@click.option(
+    "--coordinator-timeout",
+    type=click.FloatRange(min=0),
+    default=COORDINATOR_WAIT,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to retry a coordinator that does not answer (it may be starting) before giving up.",
+)
 @click.option("--run-id", help="hivemind run id, used exactly as given; all peers of a run share it.")
 @click.option("--host-port", type=int, help="TCP port to listen on (0: any free port). Open it to the internet.")
 @click.option("--host-maddr", multiple=True, metavar="MADDR", help="Listen multiaddr instead of all interfaces.")
@@ -234,7 +286,9 @@ def main() -> None:
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port (0: any). [default: off]")
 @click.option("--metrics-addr", help="Interface of the metrics endpoint. [default: 127.0.0.1]")
 @click.option("-v", "--verbose", is_flag=True, help="Show hivemind's and Lightning's own logs.")
-def join(config_file: str | None, coordinator: str | None, verbose: bool, **options: Any) -> None:
+def join(
+    config_file: str | None, coordinator: str | None, coordinator_timeout: float, verbose: bool, **options: Any
+) -> None:
     """Train together with a swarm (or start one).
 
     \b
@@ -243,13 +297,12 @@ def join(config_file: str | None, coordinator: str | None, verbose: bool, **opti
     Example, other hosts:           vitpeer join --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmXyz...
     """
     setup_logging(verbose)
-    config = join_config(config_file, coordinator, options)
-    from peer.join import run_join
+    with reported():
+        config = join_config(config_file, coordinator, options, wait=coordinator_timeout)
+        preflight.check_run(config, swarm=True)  # before anything is written or started
+        from peer.join import run_join
 
-    try:
         run_join(config)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
 
 
 @main.command()
@@ -263,7 +316,7 @@ def join(config_file: str | None, coordinator: str | None, verbose: bool, **opti
 @click.option("--host-port", type=int, help="Fixed DHT port, open to the internet. [default: 31337]")
 @click.option("--host-maddr", "host_maddrs", multiple=True, metavar="MADDR", help="Listen multiaddr instead.")
 @click.option("--announce-ip", help="Public IP to announce (behind NAT with --host-port forwarded).")
-@click.option("--http-host", help="Interface of the HTTP API. [default: 0.0.0.0]")
+@click.option("--http-host", help="Interface of the HTTP API; 0.0.0.0 to let volunteers reach it. [default: 127.0.0.1]")
 @click.option("--http-port", type=int, help="Port of the HTTP API (0: any). [default: 8470]")
 @click.option("--checkpoint-every-steps", type=int, help="Checkpoint every N swarm steps. [default: 50]")
 @click.option("--checkpoint-every-minutes", type=float, help="... and every T minutes. [default: 30]")
@@ -283,16 +336,12 @@ def coordinator(config_file: str | None, run_id: str | None, verbose: bool, **op
     from coordinator.config import CoordinatorConfig
 
     given = {key: value for key, value in options.items() if value is not None and value != ()}
-    try:
+    with reported():
         coord = validated(CoordinatorConfig, given, "command line")
-    except ConfigError as err:
-        raise click.UsageError(str(err)) from None
-    from coordinator.run import run_coordinator
+        preflight.check_coordinator(config, coord)
+        from coordinator.run import run_coordinator
 
-    try:
         run_coordinator(config, coord)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
 
 
 @main.command()
@@ -316,12 +365,11 @@ def train(config_file: str | None, verbose: bool, **options: Any) -> None:
     """
     setup_logging(verbose)
     config = build_config(config_file, options, TRAIN_OPTIONS)
-    from peer.train import run_train
+    with reported():
+        preflight.check_run(config, swarm=False)  # before anything is written or started
+        from peer.train import run_train
 
-    try:
         run_train(config)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
 
 
 @main.command()
@@ -329,6 +377,14 @@ def train(config_file: str | None, verbose: bool, **options: Any) -> None:
     "--initial-peers", multiple=True, metavar="MADDR", envvar="VITPEER_INITIAL_PEERS", help="A peer in the swarm."
 )
 @click.option("--coordinator", metavar="URL", envvar="VITPEER_COORDINATOR", help="Or a coordinator: peers and run id.")
+@click.option(
+    "--coordinator-timeout",
+    type=click.FloatRange(min=0),
+    default=COORDINATOR_WAIT,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to retry a coordinator that does not answer (it may be starting) before giving up.",
+)
 @click.option("--config", "config_file", metavar="FILE", help="The run's YAML, for its run id (or --run-id).")
 @click.option("--run-id", help="The run to watch (default: the coordinator's or the config's).")
 @click.option("--addr", default="127.0.0.1", show_default=True, help="Interface of the metrics endpoint.")
@@ -338,6 +394,7 @@ def train(config_file: str | None, verbose: bool, **options: Any) -> None:
 def monitor(
     initial_peers: tuple[str, ...],
     coordinator: str | None,
+    coordinator_timeout: float,
     config_file: str | None,
     run_id: str | None,
     addr: str,
@@ -353,16 +410,15 @@ def monitor(
     """
     setup_logging(verbose)
     if not initial_peers and coordinator is None:
-        raise click.UsageError("give --initial-peers or --coordinator: the monitor needs a way into the swarm")
+        raise BadInput("give --initial-peers or --coordinator: the monitor needs a way into the swarm")
     if coordinator is None and run_id is None and config_file is None:
-        raise click.UsageError("give --run-id (or --config): which run's records to read")
-    config = join_config(config_file, coordinator, {"initial_peers": initial_peers, "run_id": run_id})
-    from monitor.run import run_monitor
+        raise BadInput("give --run-id (or --config): which run's records to read")
+    given = {"initial_peers": initial_peers, "run_id": run_id}
+    with reported():
+        config = join_config(config_file, coordinator, given, wait=coordinator_timeout)
+        from monitor.run import run_monitor
 
-    try:
         run_monitor(config.swarm.run_id, config.swarm.initial_peers, addr, port, poll_interval)
-    except (ValueError, RuntimeError) as err:
-        raise click.ClickException(str(err)) from err
 
 
 @main.command()
@@ -401,11 +457,10 @@ def evaluate(checkpoint: Path, config_file: str | None, split: str, as_json: boo
     setup_logging(verbose=False)
     from peer.evaluate import run_config_beside, run_evaluate
 
-    try:
+    with reported():
+        preflight.check_checkpoint(checkpoint, "CHECKPOINT")
         config = build_config(config_file or str(run_config_beside(checkpoint)), {}, {})
         results = run_evaluate(checkpoint, config, split)
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from None
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

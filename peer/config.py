@@ -7,7 +7,9 @@ and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +97,21 @@ class OptimConfig(Section):
     """Cross-entropy label smoothing."""
 
 
+def peer_multiaddr_problem(addr: str) -> str | None:
+    """Why ``addr`` is not a peer's full multiaddr (parsed as hivemind parses it, peer id included), or None."""
+    if not addr.startswith("/") or "/p2p/" not in addr:
+        return "no /p2p/PEER_ID part" if addr.startswith("/") else "a multiaddr starts with /"
+    from hivemind.utils.multiaddr import Multiaddr  # imports hivemind: only when there are addresses to check
+
+    try:
+        parsed = Multiaddr(addr)  # checks every part: the IP, a numeric port, a base58 multihash peer id
+    except Exception as err:  # the parser's errors repeat the address: keep only the reason
+        return re.sub(r"^Invalid MultiAddr '.*?'\s*:?\s*", "", str(err)) or type(err).__name__
+    if "tcp" not in parsed and "udp" not in parsed:
+        return "no /tcp/PORT part"
+    return None
+
+
 class SwarmConfig(Section):
     run_id: str = "vitpeer"
     """hivemind run id, used as given: peers with the same run id (and model) train together."""
@@ -137,7 +154,9 @@ class SwarmConfig(Section):
     """Seconds a peer's progress report lives in the DHT (hivemind's default is 60). A peer that crashed still counts
     as present this long, and a peer restarted after everyone left waits this long before it trains on."""
     startup_timeout: float = Field(default=30.0, gt=0)
-    """Seconds the p2p daemon may take to start."""
+    """Seconds the p2p daemon may take to start, its first dial of ``initial_peers`` included: with hivemind's 3 s
+    ping after it, the longest a peer waits for initial peers that do not answer (a closed port fails at once, a port
+    that never answers after about 5 s)."""
 
     @field_validator("initial_peers", mode="before")
     @classmethod
@@ -153,8 +172,13 @@ class SwarmConfig(Section):
     @classmethod
     def _multiaddrs(cls, value: list[str]) -> list[str]:
         for addr in value:
-            if not addr.startswith("/") or "/p2p/" not in addr:
-                raise ValueError(f"{addr!r} is not a peer multiaddr; expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")
+            problem = peer_multiaddr_problem(addr)
+            if problem is not None:
+                which = f"{addr!r} is" if len(value) > 1 else "is"  # one address: the key's value shows it
+                raise ValueError(
+                    f"{which} not a peer multiaddr ({problem}); expected /ip4/HOST/tcp/PORT/p2p/PEER_ID, "
+                    "as the first peer prints it"
+                )
         return value
 
     @model_validator(mode="after")
@@ -294,7 +318,13 @@ def load_config(
         resolved = resolve_config_path(path)
         text, source = resolved.read_text(), str(resolved)
     source = source or "defaults"
-    data = yaml.safe_load(text or "") or {}
+    try:
+        data = yaml.safe_load(text or "") or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}{where}: not valid YAML ({reason})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -309,13 +339,31 @@ def load_config(
 
 
 def validated(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
-    """``model`` built from ``data``, or a ConfigError with one line per problem: key = value: rule."""
+    """``model`` built from ``data``, or a ConfigError with one line per problem (key = value: rule), the first
+    naming the first problem and ``source``."""
     try:
         return model.model_validate(data)
     except ValidationError as err:
         lines = []
         for problem in err.errors():
             key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-            shown = "" if problem["type"] == "missing" else f" = {problem.get('input')!r}"
-            lines.append(f"{key}{shown}: {problem['msg']}")
-        raise ConfigError(f"invalid config ({source}):\n  " + "\n  ".join(lines)) from None
+            shown = "" if problem["type"] in ("missing", "extra_forbidden") else f" = {problem.get('input')!r}"
+            rule = problem["msg"].removeprefix("Value error, ")
+            if problem["type"] == "extra_forbidden":
+                rule = _unknown_key(model, problem["loc"])
+            lines.append(f"{key}{shown}: {rule}")
+        raise ConfigError(f"{lines[0]} ({source})" + "".join(f"\n  {line}" for line in lines[1:])) from None
+
+
+def _unknown_key(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """'unknown key', with the close matches among the keys its section takes."""
+    section = model
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part)) if isinstance(section, type) else None
+        section = field.annotation if field is not None else None
+        if not (isinstance(section, type) and issubclass(section, BaseModel)):
+            return "unknown key"
+    known = list(section.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key; {hint}known: {', '.join(known)}"

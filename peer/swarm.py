@@ -97,7 +97,7 @@ def start_dht(swarm: SwarmConfig, **extra) -> hivemind.DHT:
                 f"none of the initial peers answered ({', '.join(swarm.initial_peers)}): check the addresses, "
                 "that those peers are running, and that their port is open to you"
             ) from err
-        if "Daemon failed to start" in message:
+        if "Daemon failed to start" in message or isinstance(err, TimeoutError):  # wait_for(startup_timeout)
             raise RuntimeError(
                 f"the p2p daemon did not start in {swarm.startup_timeout:.0f} s; raise swarm.startup_timeout "
                 "or check that the listen port is free"

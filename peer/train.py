@@ -219,7 +219,7 @@ def run_train(config: RunConfig) -> dict[str, Any] | None:
             parallel.num_nodes,
             parallel.devices,
         )
-    trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume)
+    trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume, weights_only=True)  # never unpickle code
     summary = stats.summary(trainer)
     best = best_checkpoint(trainer) if config.trainer.load_best_at_end else ""
     evaluated = best or None  # None: the weights in memory, the last ones

@@ -62,7 +62,7 @@ def test_command_line_overrides_file_and_file_overrides_defaults():
 def test_unknown_key_is_named(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  batch_sise: 32\n")
-    with pytest.raises(ConfigError, match=r"data\.batch_sise"):
+    with pytest.raises(ConfigError, match=r"data\.batch_sise: unknown key; did you mean 'batch_size'\?"):
         load_config(bad)
 
 
@@ -79,11 +79,42 @@ def test_unknown_source_lists_the_known_ones():
 
 
 def test_initial_peers_accepts_commas_and_rejects_non_multiaddrs():
-    a = "/ip4/10.0.0.1/tcp/31337/p2p/QmA"
-    b = "/ip4/10.0.0.2/tcp/31337/p2p/QmB"
+    a = "/ip4/10.0.0.1/tcp/31337/p2p/12D3KooWMDNVJKmcbMXyCtbGCidASwAV1xnjExXHgsbYsDdHkANH"
+    b = "/ip4/10.0.0.2/tcp/31337/p2p/12D3KooWPTNKP3hSWvWP54hH9AGzu5mPA7wpXLpZc5PPnNGmwA2u"
     assert load_config(None, {"swarm.initial_peers": [f"{a},{b}"]}).swarm.initial_peers == [a, b]
     with pytest.raises(ConfigError, match="not a peer multiaddr"):
         load_config(None, {"swarm.initial_peers": ["10.0.0.1:31337"]})
+
+
+@pytest.mark.parametrize(
+    "addr, says",
+    [
+        ("/ip4/10.0.0.1/tcp/notaport/p2p/12D3KooWMDNVJKmcbMXyCtbGCidASwAV1xnjExXHgsbYsDdHkANH", "protocol tcp"),
+        ("/ip4/10.0.0.1/tcp/31337/p2p/QmA", "protocol p2p"),  # too short for a peer id
+        ("/ip4/10.0.0.1/tcp/31337/p2p/Qm0OIl", "not a valid base58"),  # 0, O, I and l are not base58
+        ("/ip4/10.0.0.300/tcp/31337/p2p/12D3KooWMDNVJKmcbMXyCtbGCidASwAV1xnjExXHgsbYsDdHkANH", "protocol ip4"),
+    ],
+    ids=["port", "short-peer-id", "not-base58", "ip"],
+)
+def test_initial_peers_are_parsed_as_hivemind_parses_them(addr: str, says: str):
+    with pytest.raises(ConfigError, match=says) as err:
+        load_config(None, {"swarm.initial_peers": [addr]})
+    assert str(err.value).startswith("swarm.initial_peers = ")
+
+
+def test_invalid_yaml_names_the_file_line_and_column(tmp_path: Path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data:\n  batch_size: 32\n  augment: [true\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml, line 4, column 1: not valid YAML"):
+        load_config(broken)
+
+
+def test_first_line_names_the_first_problem_and_the_rest_follow():
+    with pytest.raises(ConfigError) as err:
+        load_config("digits_tiny", {"data.batch_size": 0, "optim.lr": -1})
+    first, *rest = str(err.value).splitlines()
+    assert first.startswith("data.batch_size = 0: Input should be greater than 0 (") and first.endswith(".yaml)")
+    assert [line.strip() for line in rest] == ["optim.lr = -1: Input should be greater than 0"]
 
 
 def test_missing_config_file_lists_shipped_ones():

@@ -24,7 +24,8 @@ def test_help_has_an_example(command: list[str]):
 
 def test_join_help_lists_the_swarm_options():
     output = CliRunner().invoke(main, ["join", "--help"]).output
-    for option in ("--initial-peers", "--run-id", "--host-port", "--announce-ip", "--target-batch-size", "--max-steps"):
+    options = ("--initial-peers", "--run-id", "--host-port", "--announce-ip", "--target-batch-size", "--max-steps")
+    for option in (*options, "--coordinator-timeout"):
         assert option in output
 
 
