@@ -30,6 +30,7 @@ from monitor.peer import InfoCollector, host_registry
 from monitor.swarm import SwarmCollector
 from peer.config import RunConfig
 from peer.data import VisionDataModule
+from peer.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
 from peer.module import image_config
 from peer.report import rejected_records
 from peer.swarm import default_route_ip, reachable_maddrs, start_dht
@@ -85,7 +86,12 @@ class Coordinator:
         self.registry = host_registry()  # /metrics: this host, the swarm's records, checkpoints
         self.registry.register(InfoCollector(self.dht.peer_id.to_base58(), self.config.swarm.run_id, "coordinator"))
         self.registry.register(SwarmCollector(self.status))
-        data = VisionDataModule(self.config.data, image_config(self.state.net, self.config.model), order_seed=0)
+        images = image_config(self.state.net, self.config.model)
+        fingerprint = run_fingerprint(self.state.net, self.config.model, self.state.num_classes)
+        refuse_mismatch(self.dht, self.config.swarm.run_id, fingerprint)  # peers of this run id train something else
+        self.keeper = FingerprintKeeper(self.dht, self.config.swarm.run_id, fingerprint)
+        self.keeper.start()  # newcomers with another model are refused even while no volunteer trains
+        data = VisionDataModule(self.config.data, images, order_seed=0)
         data.setup("validate")
         self.val_loader = data.val_dataloader()
 
@@ -205,6 +211,8 @@ class Coordinator:
         }
 
     def shutdown(self) -> None:
+        if hasattr(self, "keeper"):
+            self.keeper.stop()
         if hasattr(self, "state"):
             self.state.shutdown()
         if hasattr(self, "dht"):
@@ -228,6 +236,8 @@ def run_coordinator(config: RunConfig, coord: CoordinatorConfig) -> None:
         log.info("coordinator of run %r; initial peers: %s", config.swarm.run_id, " ".join(coordinator.maddrs))
         log.info("HTTP API at %s (/status, /initial-peers, /config, /metrics)", url)
         log.info("volunteers join with: vitpeer join --coordinator %s", url)
+        if coord.http_host.startswith("127.") or coord.http_host in ("localhost", "::1"):
+            log.warning("the HTTP API answers on this host only; pass --http-host 0.0.0.0 to let volunteers reach it")
         while not stop.is_set():
             try:
                 coordinator.poll()

@@ -14,6 +14,7 @@ Series, besides the host's (``monitor.host``) and prometheus_client's standard `
     vitpeer_averaging_rounds_total{outcome}    averaged | failed | alone (see ``peer.strategy.SwarmEvents``)
     vitpeer_averaging_round_duration_seconds   histogram: gradients handed over -> round finished
     vitpeer_state_downloads_total{outcome}     loaded | current | failed
+    vitpeer_batches_skipped_total{reason}      nonfinite: local batches whose NaN/Inf gradients were not sent
 
 The training numbers are read from the trainer at scrape time (nothing is added to the training step); rounds and
 downloads are counted as the strategy reports them.
@@ -81,6 +82,13 @@ class PeerExporter(SwarmEvents):
         self.downloads = Counter(
             "vitpeer_state_downloads", "Downloads of the swarm's state by outcome", ["outcome"], registry=self.registry
         )
+        self.skipped = Counter(
+            "vitpeer_batches_skipped",
+            "Local batches kept out of the swarm, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.skipped.labels("nonfinite")
         for outcome in ROUND_OUTCOMES:  # every outcome exists from the start at 0, so rate() sees the first one
             self.rounds.labels(outcome)
         for outcome in DOWNLOAD_OUTCOMES:
@@ -93,6 +101,9 @@ class PeerExporter(SwarmEvents):
 
     def state_download(self, outcome: str, seconds: float) -> None:
         self.downloads.labels(outcome).inc()
+
+    def batch_skipped(self, reason: str) -> None:
+        self.skipped.labels(reason).inc()
 
     def watch(self, peer_id: str, run_id: str, strategy: HivemindStrategy, reporter: SwarmReporter) -> None:
         self.registry.register(InfoCollector(peer_id, run_id, strategy.strategy_name))

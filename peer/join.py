@@ -15,8 +15,9 @@ from torch.distributed.tensor import DTensor
 
 from monitor.peer import PeerExporter
 from monitor.serve import MetricsServer
-from peer.config import RunConfig
+from peer.config import ConfigError, RunConfig
 from peer.data import VisionDataModule, num_classes
+from peer.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
 from peer.leave import LeaveOnSignal
 from peer.module import ImageClassifier, build_model, image_config
 from peer.parallel import check_precision, device_type, sharder
@@ -43,17 +44,20 @@ def refuse_in_swarm(config: RunConfig) -> None:
     """What ``vitpeer train`` offers and a swarm cannot do, refused with the reason and what to set instead."""
     trainer = config.trainer
     if trainer.accumulate_grad_batches != 1:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.accumulate_grad_batches = {trainer.accumulate_grad_batches}: in a swarm the peers already "
             f"accumulate gradients until they reach swarm.target_batch_size ({config.swarm.target_batch_size}) "
             "samples together; raise that instead and leave accumulate_grad_batches at 1"
         )
     if trainer.early_stopping_patience is not None:
-        raise ValueError(
+        raise ConfigError(
             "trainer.early_stopping_patience: a swarm step belongs to every peer, so one peer cannot stop the run "
             "early; set trainer.max_steps (or stop a volunteer with Ctrl-C) instead"
         )
-    check_precision(trainer.precision, device_type(trainer.accelerator), swarm=True)
+    try:
+        check_precision(trainer.precision, device_type(trainer.accelerator), swarm=True)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def make_strategy(config: RunConfig, dht: hivemind.DHT | None, events: SwarmEvents | None) -> _SwarmSteps:
@@ -83,10 +87,11 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
         config.swarm.identity_path = out / "identity.key"
     if leader:
         out.mkdir(parents=True, exist_ok=True)
-        config.write_to(out)
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)  # same initial weights on every peer
 
     dht = start_dht(config.swarm) if leader else None
+    if leader:  # once the swarm is reached: a peer that could not join leaves an earlier run's config.yaml as it was
+        config.write_to(out)
     metrics_server = None
     try:
         if dht is not None:
@@ -96,9 +101,12 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
 
         classes = num_classes(config.data)
         net = build_model(config.model, classes)
-        data = VisionDataModule(
-            config.data, image_config(net, config.model), order_seed=int(os.environ[ORDER_SEED_ENV])
-        )
+        images = image_config(net, config.model)
+        data = VisionDataModule(config.data, images, order_seed=int(os.environ[ORDER_SEED_ENV]))
+        fingerprint = None
+        if dht is not None:  # before anything reaches the swarm: a peer that trains something else stops here
+            fingerprint = run_fingerprint(net, config.model, classes)
+            refuse_mismatch(dht, config.swarm.run_id, fingerprint)
         module = ImageClassifier(net, classes, config.optim, config.trainer.max_steps, shard=sharder(config.parallel))
 
         exporter = PeerExporter() if dht is not None and config.monitor.port is not None else None
@@ -108,7 +116,9 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
         reporter = None
         if dht is not None:
             reporter = SwarmReporter(dht, config.swarm.run_id)  # this peer's signed metrics record, once per swarm step
-            callbacks.append(reporter)
+            keeper = FingerprintKeeper(dht, config.swarm.run_id, fingerprint)
+            keeper.start()
+            callbacks += [reporter, keeper]
         if exporter is not None:
             exporter.watch(dht.peer_id.to_base58(), config.swarm.run_id, strategy, reporter)
             metrics_server = MetricsServer(exporter.registry, config.monitor.addr, config.monitor.port)
@@ -132,7 +142,7 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
 
             leave.past_deadline.append(leave_now)
         started = time.monotonic()
-        trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume)
+        trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume, weights_only=True)  # never unpickle code
         leave.settled.set()  # the step and the checkpoint are done: no deadline exit while results are written
         train_seconds = time.monotonic() - started
         swarm_epoch = trainer.global_step
@@ -160,6 +170,7 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
             "local_ranks": trainer.world_size,
             "samples_contributed": reporter.samples,
             "local_steps": reporter.mini_steps,
+            "batches_skipped_nonfinite": strategy.optimizer.skipped_batches,
         }
         write_results(out, results)
         log.info(

@@ -29,8 +29,10 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
-from pydantic.v1 import BaseModel, StrictStr, confloat, conint
+from pydantic.v1 import BaseModel, confloat, conint, constr
 from pytorch_lightning.utilities.data import extract_batch_size
+
+from peer.fingerprint import FingerprintSchema
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +43,19 @@ REPORT_EVERY = 15.0
 
 
 class PeerReport(BaseModel):
-    """What one peer says about itself. Strict types: hivemind refuses records that would need conversions."""
+    """What one peer says about itself. Strict types: hivemind refuses records that would need conversions. Strings
+    are bounded: an oversized record (a peer filling the DHT, or /status, with megabytes) is refused like a forged one.
+    """
 
-    peer_id: StrictStr  # base58 libp2p peer id, for people reading /status
+    peer_id: constr(strict=True, max_length=128)  # base58 libp2p peer id (about 52 characters), for /status readers
     step: conint(ge=0, strict=True)  # the swarm step (hivemind epoch) this peer is at
     loss: confloat(ge=0, strict=True) | None  # mean training loss per sample since the previous record
     window_samples: conint(ge=0, strict=True)  # samples that mean is over: the weight of this loss in the swarm loss
     samples_per_second: confloat(ge=0, strict=True)  # this peer's throughput (hivemind's moving average)
     samples: conint(ge=0, strict=True)  # samples this peer contributed since it started
     mini_steps: conint(ge=0, strict=True)  # local steps (forward + backward) since it started
-    version: StrictStr  # vitpeer version
-    hardware: StrictStr  # e.g. "cuda: NVIDIA H100 80GB HBM3 x1" or "cpu: 16 cores"
+    version: constr(strict=True, max_length=64)  # vitpeer version
+    hardware: constr(strict=True, max_length=256)  # e.g. "cuda: NVIDIA H100 80GB HBM3 x1" or "cpu: 16 cores"
     time: confloat(strict=True)  # DHT time of the record
 
 
@@ -87,12 +91,14 @@ class SignatureGuard(_Counting, RSASignatureValidator):
 
 
 class SchemaGuard(_Counting, SchemaValidator):
-    """Unsigned or not matching its schema: hivemind's pydantic check on ``<run_id>_metrics``, counting refusals."""
+    """Unsigned or not matching its schema: hivemind's pydantic check on ``<run_id>_metrics`` and
+    ``<run_id>_fingerprint``, counting refusals."""
 
     reason = "schema"
 
     def __init__(self, run_id: str):
         super().__init__(MetricsSchema, prefix=run_id)
+        self.merge_with(SchemaValidator(FingerprintSchema, prefix=run_id))  # one guard, one count, both keys
 
 
 def record_validators(run_id: str) -> list[RecordValidatorBase]:

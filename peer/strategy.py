@@ -26,6 +26,9 @@ import hivemind
 import pytorch_lightning as pl
 import torch
 from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.optim import optimizer as hivemind_optimizer
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import get_dht_time
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.data import extract_batch_size
@@ -83,10 +86,43 @@ class SwarmEvents:
         """A download of the swarm's state ended: ``loaded`` (moved this peer to a newer swarm step), ``current``
         (no peer had a newer one) or ``failed`` (given up at ``load_state_timeout``)."""
 
+    def batch_skipped(self, reason: str) -> None:
+        """A local batch's gradients were kept out of the swarm: ``nonfinite`` (NaN or Inf in them)."""
+
+
+class _GroupSized:
+    """A hivemind averager told how many peers a full group has (mixed into hivemind's two averager classes).
+
+    Without a target group size, hivemind's matchmaking leader keeps its group open for the whole
+    ``matchmaking_time`` even when every peer has joined, so every swarm step waited that long for nothing. With the
+    size set to the peers the progress tracker counts, the group closes as soon as they are all in; when a counted
+    peer is gone (its record not yet expired), the group closes at ``matchmaking_time`` as before. Matchmaking runs
+    in the averager's own process: the size travels there through hivemind's command pipe.
+    """
+
+    group_size: int | None = None
+
+    def set_group_size(self, size: int) -> None:
+        if size != self.group_size:
+            self.group_size = size
+            self._outer_pipe.send(("_set_group_size", [size], {}))
+
+    async def _set_group_size(self, size: int) -> None:  # runs in the averager's process
+        self._matchmaking.target_group_size = size
+        self._matchmaking.potential_leaders.target_group_size = size
+
+
+class _SizedGradientAverager(_GroupSized, GradientAverager):
+    pass
+
+
+class _SizedStateAverager(_GroupSized, TrainingStateAverager):
+    pass
+
 
 class SwarmOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer with a deadline on state downloads, checkpoint restore that keeps the LR in step, and
-    ``SwarmEvents`` for every averaging round and state download."""
+    """hivemind.Optimizer with a deadline on state downloads, checkpoint restore that keeps the LR in step, a guard
+    that keeps non-finite gradients out of the swarm, and ``SwarmEvents`` for rounds, downloads and skipped batches."""
 
     def __init__(self, events: SwarmEvents | None = None, **kwargs):
         self.events = events or SwarmEvents()
@@ -98,6 +134,8 @@ class SwarmOptimizer(hivemind.Optimizer):
                 loader = _LoadDeadline(averager.load_state_from_peers, self.load_state_timeout)
                 averager.load_state_from_peers = loader
                 self._loaders.append(loader)
+        self.skipped_batches = 0
+        """Local batches whose gradients held NaN or Inf and were not sent (see ``_check_and_accumulate_gradients``)."""
         self.parameters_version = 0
         """Bumped whenever hivemind writes this peer's parameters: an optimizer step, a (background) averaging result
         applied at any later local step, a state download. Local ranks that follow this peer sync when it moves."""
@@ -118,9 +156,47 @@ class SwarmOptimizer(hivemind.Optimizer):
         # hivemind 1.1.12 forwards averager_opts to the state averager only, though its docstring says both: the
         # gradient averager kept request_timeout = 3 s against a shorter matchmaking_time, which hivemind itself
         # warns "can cause deadlocks" (a demo peer pair once failed every gradient round for 56 rounds so).
-        return super()._make_gradient_averager(factory, **{**self._averager_opts, **kwargs})
+        return super()._make_gradient_averager(factory or _SizedGradientAverager, **{**self._averager_opts, **kwargs})
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        # hivemind builds it by this module-level name, with the arguments it alone knows: lend it our subclass
+        hivemind_optimizer.TrainingStateAverager = _SizedStateAverager
+        try:
+            return super()._make_state_averager(**kwargs)
+        finally:
+            hivemind_optimizer.TrainingStateAverager = TrainingStateAverager
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        self._size_groups(self.grad_averager)  # before the round is scheduled: see ``_GroupSized``
+        super()._maybe_schedule_gradient_averaging()
+
+    def _maybe_schedule_state_averaging(self) -> None:
+        self._size_groups(self.state_averager)
+        super()._maybe_schedule_state_averaging()
+
+    def _size_groups(self, averager) -> None:
+        if isinstance(averager, _GroupSized):
+            averager.set_group_size(max(2, self.tracker.global_progress.num_peers))
 
     # The two hooks below wrap hivemind 1.1.12's own steps (private names, pinned version) without changing them.
+
+    def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:
+        # The poison guard. One NaN in what a peer sends turns the whole swarm's average, and so every peer's
+        # parameters, into NaN. A batch with non-finite gradients is left out of this peer's accumulator (the good
+        # ones gathered before stay), its samples are not reported, and the step goes on: this peer still takes part
+        # in the round with what it has, so it stays in step with the swarm.
+        grads = [param.grad for param in self.state_averager.main_parameters if param.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            self.skipped_batches += 1
+            log.warning(
+                "non-finite gradients (NaN or Inf) in a local batch at swarm step %d: not sent to the swarm "
+                "(%d such batches so far); check the learning rate, the data and the precision",
+                self.local_epoch,
+                self.skipped_batches,
+            )
+            self.events.batch_skipped("nonfinite")
+            return True
+        return super()._check_and_accumulate_gradients(batch_size, grad_scaler)
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         began = super()._begin_averaging_gradients(grad_scaler)

@@ -45,13 +45,17 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float =
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def spawn(command: list[str], log: Path, **env: str) -> subprocess.Popen:
+def spawn(command: list[str], log: Path, module: str = "peer.cli", **env: str) -> subprocess.Popen:
+    """``python -m module command...`` (the ``vitpeer`` command by default; ``hostile`` for one with test faults),
+    stdout and stderr appended to ``log``."""
+    tests = str(Path(__file__).resolve().parent)  # where ``hostile`` lives
+    path = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
     with log.open("a") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "peer.cli", *command],
+            [sys.executable, "-m", module, *command],
             stdout=sink,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env},
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **env},
         )
 
 
