@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # Debian's prometheus package (prometheus + promtool) unpacked here, not installed: the monitor tests run them
 PROM := .tools/prometheus/usr/bin
 
-.PHONY: demo test lint format clean
+.PHONY: demo test bench lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: $(STAMP)
 test: $(STAMP) $(PROM)/promtool
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest -m "not gpu" --durations=15
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m benchmarks.run
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

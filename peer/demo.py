@@ -21,8 +21,10 @@ import hivemind
 OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d vitpeer ")  # the format peer.cli.setup_logging gives our own records
 
 
-def peer_command(config: str, initial_peers: list[str], output_dir: Path, max_steps: int | None) -> list[str]:
-    command = [sys.executable, "-m", "peer.cli", "join", "--config", config, "--output-dir", str(output_dir)]
+def peer_command(
+    config: str, initial_peers: list[str], output_dir: Path, max_steps: int | None, module: str = "peer.cli"
+) -> list[str]:
+    command = [sys.executable, "-m", module, "join", "--config", config, "--output-dir", str(output_dir)]
     command += ["--host-maddr", "/ip4/127.0.0.1/tcp/0", "--initial-peers", ",".join(initial_peers)]
     if max_steps is not None:
         command += ["--max-steps", str(max_steps)]
@@ -53,8 +55,11 @@ def stop_all(processes: list[subprocess.Popen], grace: float = 10.0) -> None:
             process.wait()
 
 
-def run_demo(peers: int, config: str, output_dir: Path, max_steps: int | None = None) -> float | None:
-    """Run the local swarm to the end; return the peers' mean test accuracy, or None if a peer failed."""
+def run_demo(
+    peers: int, config: str, output_dir: Path, max_steps: int | None = None, module: str = "peer.cli"
+) -> float | None:
+    """Run the local swarm to the end; return the peers' mean test accuracy, or None if a peer failed. ``module``:
+    what each peer runs with ``python -m`` (the benchmarks use a timed ``vitpeer``)."""
     started = time.monotonic()
     bootstrap = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     initial_peers = [str(addr) for addr in bootstrap.get_visible_maddrs()]
@@ -66,7 +71,7 @@ def run_demo(peers: int, config: str, output_dir: Path, max_steps: int | None = 
             peer_dir = output_dir / f"peer-{index}"
             peer_dir.mkdir(parents=True, exist_ok=True)
             process = subprocess.Popen(
-                peer_command(config, initial_peers, peer_dir, max_steps),
+                peer_command(config, initial_peers, peer_dir, max_steps, module),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

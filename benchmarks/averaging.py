@@ -1,0 +1,126 @@
+"""Averaging cost: one all-reduce of ViT-B/16-sized gradients between 2 peers on loopback, against the limit.
+
+For each compression, two hivemind averagers (each with its own DHT node and p2p daemon, as two peers have) hold one
+flat tensor of ``NUMEL`` float32 values. A round is pre-scheduled and the clock starts when both have found their
+group (hivemind's ``AWAITING_TRIGGER`` stage), so matchmaking is timed on its own and the all-reduce on its own.
+Bytes on the wire are read from the loopback interface's counters (``/proc/net/dev``) around the all-reduce.
+
+The limit is a raw TCP transfer of the same fp32 bytes over loopback, measured in the same run: a peer sends half its
+vector and gets half back in a 2-peer all-reduce, so the transfer of the whole vector once is what the round costs at
+least.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.averaging.control import AveragingStage
+from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+
+NUMEL = 86_567_656  # vit_base_patch16_224's parameters
+COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}
+
+
+def loopback_bytes() -> int:
+    """Bytes sent through ``lo`` since boot (every local connection; keep the machine otherwise quiet)."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            return int(counters.split()[8])  # transmit bytes
+    raise RuntimeError("no loopback interface in /proc/net/dev")
+
+
+def raw_tcp_seconds(nbytes: int, chunk: int = 4 << 20) -> float:
+    """Seconds to push ``nbytes`` through one loopback TCP connection (the receiver reads everything)."""
+    payload = memoryview(bytearray(chunk))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        received = [0]
+
+        def receive() -> None:
+            connection, _ = server.accept()
+            with connection:
+                buffer = bytearray(chunk)
+                while received[0] < nbytes:
+                    got = connection.recv_into(buffer)
+                    if not got:
+                        break
+                    received[0] += got
+
+        reader = threading.Thread(target=receive)
+        reader.start()
+        with socket.create_connection(server.getsockname()) as sender:
+            started = time.perf_counter()
+            left = nbytes
+            while left > 0:
+                left -= sender.send(payload[: min(chunk, left)])
+            reader.join()
+            seconds = time.perf_counter() - started
+    assert received[0] == nbytes, (received[0], nbytes)
+    return seconds
+
+
+def allreduce_rounds(compression: str, numel: int = NUMEL, rounds: int = 3) -> list[dict[str, float]]:
+    """``rounds`` all-reduce rounds between two averagers; per round: matchmaking s, all-reduce s, loopback bytes."""
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
+    options = dict(
+        prefix=f"bench_{compression}",
+        target_group_size=2,  # the group closes as soon as both are in: matchmaking is not padded to its window
+        min_matchmaking_time=2.0,
+        request_timeout=1.0,
+        compression=COMPRESSIONS[compression](),
+        start=True,
+    )
+    averagers = [hivemind.DecentralizedAverager([torch.randn(numel)], dht, **options) for dht in (first, second)]
+    measured = []
+    try:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            controls = [averager.step(require_trigger=True, wait=False, timeout=120) for averager in averagers]
+            while any(control.stage == AveragingStage.LOOKING_FOR_GROUP for control in controls):
+                time.sleep(0.005)
+            grouped = time.perf_counter()
+            sent_before = loopback_bytes()
+            for control in controls:
+                control.allow_allreduce()
+            for control in controls:
+                control.result()
+            done = time.perf_counter()
+            measured.append(
+                {
+                    "matchmaking_s": grouped - started,
+                    "allreduce_s": done - grouped,
+                    "loopback_bytes": loopback_bytes() - sent_before,
+                }
+            )
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in (second, first):
+            dht.shutdown()
+    return measured
+
+
+def run(rounds: int = 3, numel: int = NUMEL) -> dict[str, Any]:
+    """Every compression, and the raw TCP limit, in one run."""
+    fp32_bytes = numel * 4
+    raw = min(raw_tcp_seconds(fp32_bytes) for _ in range(3))
+    results: dict[str, Any] = {"numel": numel, "fp32_bytes": fp32_bytes, "raw_tcp_s": raw, "compressions": {}}
+    for name in COMPRESSIONS:
+        measured = allreduce_rounds(name, numel, rounds)
+        best = min(measured, key=lambda entry: entry["allreduce_s"])
+        results["compressions"][name] = {
+            "rounds": measured,
+            "allreduce_s": best["allreduce_s"],
+            "median_allreduce_s": sorted(entry["allreduce_s"] for entry in measured)[len(measured) // 2],
+            "matchmaking_s": sorted(entry["matchmaking_s"] for entry in measured)[len(measured) // 2],
+            "wire_bytes_per_peer": best["loopback_bytes"] / 2,  # both peers' traffic crosses lo
+            "vs_raw_tcp": best["allreduce_s"] / raw,
+        }
+    return results
