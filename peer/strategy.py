@@ -26,9 +26,8 @@ import hivemind
 import pytorch_lightning as pl
 import torch
 from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.optim import grad_averager, state_averager
 from hivemind.optim import optimizer as hivemind_optimizer
-from hivemind.optim.grad_averager import GradientAverager
-from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import get_dht_time
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.data import extract_batch_size
@@ -112,12 +111,16 @@ class _GroupSized:
         self._matchmaking.potential_leaders.target_group_size = size
 
 
-class _SizedGradientAverager(_GroupSized, GradientAverager):
-    pass
+# hivemind names each averager's RPC protocols after its class (``<prefix>::TrainingStateAverager.rpc_download_state``):
+# ours keep hivemind's class names, so they speak with plain hivemind peers and the coordinator.
 
 
-class _SizedStateAverager(_GroupSized, TrainingStateAverager):
-    pass
+class GradientAverager(_GroupSized, grad_averager.GradientAverager):
+    """hivemind's gradient averager, with ``_GroupSized``."""
+
+
+class TrainingStateAverager(_GroupSized, state_averager.TrainingStateAverager):
+    """hivemind's training-state averager, with ``_GroupSized``."""
 
 
 class SwarmOptimizer(hivemind.Optimizer):
@@ -156,15 +159,15 @@ class SwarmOptimizer(hivemind.Optimizer):
         # hivemind 1.1.12 forwards averager_opts to the state averager only, though its docstring says both: the
         # gradient averager kept request_timeout = 3 s against a shorter matchmaking_time, which hivemind itself
         # warns "can cause deadlocks" (a demo peer pair once failed every gradient round for 56 rounds so).
-        return super()._make_gradient_averager(factory or _SizedGradientAverager, **{**self._averager_opts, **kwargs})
+        return super()._make_gradient_averager(factory or GradientAverager, **{**self._averager_opts, **kwargs})
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         # hivemind builds it by this module-level name, with the arguments it alone knows: lend it our subclass
-        hivemind_optimizer.TrainingStateAverager = _SizedStateAverager
+        hivemind_optimizer.TrainingStateAverager = TrainingStateAverager
         try:
             return super()._make_state_averager(**kwargs)
         finally:
-            hivemind_optimizer.TrainingStateAverager = TrainingStateAverager
+            hivemind_optimizer.TrainingStateAverager = state_averager.TrainingStateAverager
 
     def _maybe_schedule_gradient_averaging(self) -> None:
         self._size_groups(self.grad_averager)  # before the round is scheduled: see ``_GroupSized``
