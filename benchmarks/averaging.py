@@ -77,7 +77,13 @@ def allreduce_rounds(compression: str, numel: int = NUMEL, rounds: int = 3) -> l
         compression=COMPRESSIONS[compression](),
         start=True,
     )
-    averagers = [hivemind.DecentralizedAverager([torch.randn(numel)], dht, **options) for dht in (first, second)]
+    generator = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(numel, generator=generator) for _ in range(2)]
+    expected = (vectors[0] + vectors[1]) / 2
+    averagers = [
+        hivemind.DecentralizedAverager([vector.clone()], dht, **options)
+        for vector, dht in zip(vectors, (first, second), strict=True)
+    ]
     measured = []
     try:
         for _ in range(rounds):
@@ -99,6 +105,12 @@ def allreduce_rounds(compression: str, numel: int = NUMEL, rounds: int = 3) -> l
                     "loopback_bytes": loopback_bytes() - sent_before,
                 }
             )
+            if len(measured) == 1:  # does the round average? (later rounds average equal vectors)
+                errors = []
+                for averager in averagers:
+                    with averager.get_tensors() as (tensor,):
+                        errors.append(float((tensor - expected).abs().mean()))
+                measured[0]["mean_abs_error"] = max(errors)
     finally:
         for averager in averagers:
             averager.shutdown()
@@ -122,5 +134,6 @@ def run(rounds: int = 3, numel: int = NUMEL) -> dict[str, Any]:
             "matchmaking_s": sorted(entry["matchmaking_s"] for entry in measured)[len(measured) // 2],
             "wire_bytes_per_peer": best["loopback_bytes"] / 2,  # both peers' traffic crosses lo
             "vs_raw_tcp": best["allreduce_s"] / raw,
+            "mean_abs_error": measured[0]["mean_abs_error"],  # against the true mean of unit-normal vectors
         }
     return results

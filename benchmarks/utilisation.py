@@ -28,16 +28,17 @@ class ComputeClock(pl.Callback):
     def __init__(self, out: Path):
         self.out = out
         self.compute = 0.0
-        self.steps = 0
+        self.seen = self.steps = 0  # local steps since the start, and those timed
         self.started = self.step_started = self.ended = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.step_started = time.perf_counter()
-        if batch_idx == WARMUP:
+        if self.seen == WARMUP:  # counted across epochs: batch_idx starts again at each one
             self.started = self.step_started
+        self.seen += 1
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.started:
+        if self.seen > WARMUP:
             self.compute += time.perf_counter() - self.step_started
             self.steps += 1
 

@@ -25,7 +25,7 @@ from typing import Any
 import hivemind
 import pytorch_lightning as pl
 import torch
-from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.compression import Float16Compression, NoCompression
 from hivemind.optim import grad_averager, state_averager
 from hivemind.optim import optimizer as hivemind_optimizer
 from hivemind.utils import get_dht_time
@@ -39,7 +39,7 @@ from peer.parallel import check_precision
 
 log = logging.getLogger(__name__)
 
-COMPRESSION = {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}
+COMPRESSION = {"none": NoCompression, "fp16": Float16Compression}  # 8bit: refused by SwarmConfig
 
 
 class _LoadDeadline:

@@ -13,6 +13,7 @@ def test_small_allreduce_is_timed_and_its_bytes_counted():
     numel = 200_000
     measured = averaging.allreduce_rounds("none", numel=numel, rounds=1)[0]
     assert 0 < measured["allreduce_s"] < 30 and measured["matchmaking_s"] < 30
+    assert measured["mean_abs_error"] < 1e-6  # both peers hold the true mean afterwards
     # a 2-peer all-reduce: each peer sends half its vector and gets half back, fp32 -> numel * 4 bytes per peer
     per_peer = measured["loopback_bytes"] / 2
     assert numel * 4 <= per_peer < numel * 4 * 1.3, per_peer

@@ -126,3 +126,8 @@ def test_resolved_config_round_trips(tmp_path: Path):
     config = load_config("digits_tiny", {"swarm.run_id": "roundtrip"})
     config.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_8bit_compression_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match=r"swarm.compression = '8bit': 8bit does not average correctly.*use fp16"):
+        load_config("digits_tiny", {"swarm.compression": "8bit"})
