@@ -143,6 +143,17 @@ def fsdp_options(command):
     return click.option("--fsdp-sharding", type=sharding, help="FSDP: free gathered parameters after forward?")(command)
 
 
+coordinator_timeout_option = click.option(
+    "--coordinator-timeout",
+    type=click.FloatRange(min=0),
+    default=COORDINATOR_WAIT,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to retry a coordinator that does not answer (it may be starting) before giving up.",
+)
+"""``--coordinator-timeout``, for every command that can start from ``--coordinator`` (join, monitor)."""
+
+
 def setup_logging(verbose: bool) -> None:
     """Our progress lines on stdout; hivemind and Lightning only when they warn (or everything with --verbose)."""
     if not verbose:  # before importing hivemind, whose imports already warn
@@ -255,14 +266,7 @@ def main() -> None:
     help="A coordinator's HTTP address (http://HOST:PORT): initial peers, and the run's config unless --config. "
     "[env: VITPEER_COORDINATOR]",
 )
-@click.option(
-    "--coordinator-timeout",
-    type=click.FloatRange(min=0),
-    default=COORDINATOR_WAIT,
-    show_default=True,
-    metavar="SECONDS",
-    help="How long to retry a coordinator that does not answer (it may be starting) before giving up.",
-)
+@coordinator_timeout_option
 @click.option("--run-id", help="hivemind run id, used exactly as given; all peers of a run share it.")
 @click.option("--host-port", type=int, help="TCP port to listen on (0: any free port). Open it to the internet.")
 @click.option("--host-maddr", multiple=True, metavar="MADDR", help="Listen multiaddr instead of all interfaces.")
@@ -377,14 +381,7 @@ def train(config_file: str | None, verbose: bool, **options: Any) -> None:
     "--initial-peers", multiple=True, metavar="MADDR", envvar="VITPEER_INITIAL_PEERS", help="A peer in the swarm."
 )
 @click.option("--coordinator", metavar="URL", envvar="VITPEER_COORDINATOR", help="Or a coordinator: peers and run id.")
-@click.option(
-    "--coordinator-timeout",
-    type=click.FloatRange(min=0),
-    default=COORDINATOR_WAIT,
-    show_default=True,
-    metavar="SECONDS",
-    help="How long to retry a coordinator that does not answer (it may be starting) before giving up.",
-)
+@coordinator_timeout_option
 @click.option("--config", "config_file", metavar="FILE", help="The run's YAML, for its run id (or --run-id).")
 @click.option("--run-id", help="The run to watch (default: the coordinator's or the config's).")
 @click.option("--addr", default="127.0.0.1", show_default=True, help="Interface of the metrics endpoint.")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import threading
+from collections import Counter
 
 import hivemind
 import pytorch_lightning as pl
@@ -96,9 +97,7 @@ def refuse_mismatch(dht: hivemind.DHT, run_id: str, mine: RunFingerprint) -> int
     theirs = read_fingerprints(dht, run_id)
     others = [found for found in theirs if found.digest != mine.digest]
     if others:
-        counts: dict[str, int] = {}
-        for found in others:
-            counts[found.describe()] = counts.get(found.describe(), 0) + 1
+        counts = Counter(found.describe() for found in others)
         described = "; ".join(f"{text} x{count}" for text, count in counts.items())
         raise ConfigError(
             f"run {run_id!r} trains {described}, but this peer has {mine.describe()}: it would spoil their "
