@@ -53,6 +53,7 @@ JOIN_OPTIONS: dict[str, str] = {
     "compression": "swarm.compression",
     "local_updates": "swarm.local_updates",
     "overlap": "swarm.overlap",
+    "average_state_every": "swarm.average_state_every",
     **TRAINING_OPTIONS,
     "metrics_port": "monitor.port",
     "metrics_addr": "monitor.addr",
@@ -281,6 +282,7 @@ def main() -> None:
 @click.option("--compression", type=click.Choice(["none", "fp16", "8bit"]), help="Gradient compression.")
 @click.option("--local-updates/--no-local-updates", default=None, help="Step locally, average parameters only.")
 @click.option("--overlap/--no-overlap", default=None, help="Average in the background while computing.")
+@click.option("--average-state-every", type=int, help="Swarm steps between state-averaging rounds. [default: 5]")
 @click.option(
     "--local-strategy", type=click.Choice(["single", "ddp", "fsdp"]), help="Several devices as one peer: ddp."
 )

@@ -130,6 +130,23 @@ def test_evaluation_batches_are_deterministic():
     assert torch.equal(runs[0], runs[1])
 
 
+def test_fixed_transforms_of_small_in_memory_splits_are_kept_and_augmented_ones_are_not():
+    fixed = datamodule(order_seed=3, augment=False)
+    assert all(split.kept is not None for split in (fixed.train_set, fixed.val_set, fixed.test_set))
+    fresh = datamodule(order_seed=3, augment=False)
+    fresh.train_set.kept = None  # every image transformed again from its source
+    kept_loader, fresh_loader = fixed.train_dataloader(), fresh.train_dataloader()
+    kept = [batch for _ in range(2) for batch in kept_loader]  # the second epoch is served from what was kept
+    made = [batch for _ in range(2) for batch in fresh_loader]
+    assert len(fixed.train_set.kept) == len(fixed.train_set) and not fresh.train_set.kept
+    for (images, labels), (made_images, made_labels) in zip(kept, made, strict=True):
+        assert torch.equal(images, made_images) and torch.equal(labels, made_labels)
+    augmented = datamodule(augment=True)
+    assert augmented.train_set.kept is None and augmented.val_set.kept is not None
+    big = datamodule(augment=False, config=image_config(224))  # 1437 x 3 x 224 x 224 floats: 865 MiB
+    assert big.train_set.kept is None
+
+
 def test_digits_are_not_flipped_but_photos_are():
     def flips(source: str) -> bool:
         train, evaluate = build_transforms(IMAGE_CONFIG, source)

@@ -181,14 +181,18 @@ def test_churn_the_swarm_keeps_advancing_and_no_survivor_stalls(scenario: dict[s
 
 
 def test_survivors_end_with_finite_identical_parameters(scenario: dict[str, Any]):
-    """The two peers that lived through every kill end equal, bit for bit: the state-averaging round of the last
-    swarm step is applied before the last checkpoint. The churned peer's last run ends finite (it may finish its
-    last step alone: the others leave once they reach ``max_steps``)."""
+    """The two peers that lived through every kill end with the same parameters, to float rounding (the demo's
+    tolerance). Not bit for bit: a round the churned peer died in leaves each survivor stepping with its own
+    gradients, and later state rounds bring them back together to rounding (one CI run ended 1.6e-6 apart). The
+    churned peer's last run ends finite (it may finish its last step alone: the others leave once they reach
+    ``max_steps``)."""
     swarm: Swarm = scenario["swarm"]
     steady, poisoned, churned = (parameters(swarm.out(name)) for name in ("steady", "poisoned", "churned"))
+    apart = max((tensor - poisoned[key]).abs().max().item() for key, tensor in steady.items())
+    print(f"\nsurvivors' largest parameter difference: {apart:.2e}")
     for key, tensor in steady.items():
         assert torch.isfinite(tensor).all() and torch.isfinite(churned[key]).all(), key
-        assert torch.equal(tensor, poisoned[key]), (key, (tensor - poisoned[key]).abs().max())
+        torch.testing.assert_close(tensor, poisoned[key], rtol=0, atol=1e-5, msg=key)
     assert scenario["steady"]["test_accuracy"] > 0.4, scenario["steady"]  # learned, under all that: chance is 0.1
 
 
