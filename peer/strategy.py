@@ -401,8 +401,13 @@ class _SwarmSteps:
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any):
         # hivemind counts samples, not steps, toward target_batch_size: this local step's samples on all ranks
         kwargs["batch_size"] = self._batch_size * self.world_size
+        max_steps = self.lightning_module.trainer.max_steps
+        if self.leader and self.optimizer.local_epoch + 1 >= max_steps and not self.leave.is_set():
+            # the last swarm step ends with a state round whatever ``average_state_every`` says, so every peer's last
+            # checkpoint holds the swarm's common parameters (hivemind decides by the step's number as it begins)
+            self.optimizer.average_state_every = 1
         result = super().optimizer_step(optimizer, self._hand_gradients(closure), model, **kwargs)
-        if self.leader and self.optimizer.local_epoch >= self.lightning_module.trainer.max_steps:
+        if self.leader and self.optimizer.local_epoch >= max_steps:
             self._apply_pending_updates()  # before the last checkpoint and the test see these parameters
         self._follow_leader()
         return result
