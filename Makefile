@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(PROM)/promtool
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
-	$(VENV)/bin/python -m pytest -m "not gpu" --durations=15
+	$(VENV)/bin/python -m pytest -m "not gpu" --durations=30
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.run
