@@ -2,7 +2,7 @@
 
 \b
     python -m benchmarks.run                      # everything (about 40 minutes on 2 CPU cores)
-    python -m benchmarks.run --only averaging     # one or more of: overhead, utilisation, averaging, convergence
+    python -m benchmarks.run --only averaging     # one or more of: overhead, utilisation, averaging, convergence, gpu
 
 Prints one table (figure, measured, goal, met) and writes all numbers to ``--json`` (default
 ``benchmarks/results.json``) with the machine they were measured on.
@@ -23,7 +23,7 @@ import torch
 
 from peer.cli import setup_logging
 
-BENCHES = ("overhead", "utilisation", "averaging", "convergence")
+BENCHES = ("overhead", "utilisation", "averaging", "convergence", "gpu")
 
 
 def machine() -> dict[str, Any]:
@@ -73,7 +73,16 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         shown = f"1 peer {one:.3f}, 2 peers {two:.3f} (gap {conv['gap_points']:.1f} points, {conv['samples']} samples)"
         ok = min(one, two) >= 0.97 and conv["gap_points"] <= 1.0
         table.append(("convergence, digits: 1 vs 2 peers", shown, ">= 0.97, within 1 point", "yes" if ok else "no"))
-    if not torch.cuda.is_available():
+    if "gpu" in results:
+        gpu = results["gpu"]
+        for name, case in gpu["variants"].items():
+            figure = f"GPU, {gpu['model']} bf16 batch {gpu['batch']} on {gpu['device']}: {name}"
+            if case["mfu"] is None:  # a device whose peak we do not know
+                table.append((figure, f"{case['samples_per_s']:.0f} samples/s; MFU unknown", ">= 40 % MFU", "-"))
+            else:
+                shown = f"MFU {case['mfu']:.1%} ({case['samples_per_s']:.0f} samples/s)"
+                add(figure, case["mfu"], shown, ">= 40 % MFU", lambda v: v >= 0.40)
+    elif not torch.cuda.is_available():
         table.append(("GPU: ViT-B/16 bf16 samples/s and MFU", "not measured: no GPU here", ">= 40 % MFU", "-"))
     return table
 
@@ -110,6 +119,10 @@ def main(only: tuple[str, ...], json_path: Path, convergence_steps: int) -> None
         from benchmarks import convergence
 
         results["convergence"] = convergence.run(convergence_steps)
+    if "gpu" in chosen and torch.cuda.is_available():
+        from benchmarks import gpu
+
+        results["gpu"] = gpu.run()
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     click.echo(f"\nmeasured on {results['machine']}; all numbers in {json_path}\n")
     print_table(rows(results))

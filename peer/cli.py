@@ -282,7 +282,7 @@ def main() -> None:
 @click.option("--compression", type=click.Choice(["none", "fp16", "8bit"]), help="Gradient compression.")
 @click.option("--local-updates/--no-local-updates", default=None, help="Step locally, average parameters only.")
 @click.option("--overlap/--no-overlap", default=None, help="Average in the background while computing.")
-@click.option("--average-state-every", type=int, help="Swarm steps between state-averaging rounds. [default: 5]")
+@click.option("--average-state-every", type=int, help="Swarm steps between state-averaging rounds. [default: 1]")
 @click.option(
     "--local-strategy", type=click.Choice(["single", "ddp", "fsdp"]), help="Several devices as one peer: ddp."
 )

@@ -158,11 +158,11 @@ class SwarmConfig(Section):
 
     local_updates: bool = False
     """Apply local gradients every step and only average parameters each swarm step (fewer bytes, noisier)."""
-    average_state_every: int | None = Field(default=None, gt=0)
-    """Swarm steps between rounds that average parameters and optimizer statistics. None: every 5 swarm steps with
-    gradient averaging (peers that averaged gradients together already took the same step; the round re-syncs those
-    that missed one and evens out optimizer statistics), every step with ``local_updates`` (the only averaging then).
-    Each round costs a full all-reduce of the training state: every step it took 0.9 of 2.9 s per step on 2 cores."""
+    average_state_every: int = Field(default=1, gt=0)
+    """Swarm steps between rounds that average parameters (hivemind's ``average_state_every``; the last swarm step
+    always has one). Each round is a full all-reduce of the model: on 2 shared cores, 5 instead of 1 cut a 2-peer
+    digits swarm step from 2.8 to 2.0 s, but in the hostile-swarm scenario (churn, a NaN peer) the swarm then learned
+    to 0.37 test accuracy instead of 0.73 (one run each), so 1 stays the default."""
     overlap: bool = False
     """Average gradients and run the optimizer in the background while the next batches compute
     (hivemind's delayed parameter updates): parameters lag one swarm step, the peer waits less.
@@ -197,13 +197,6 @@ class SwarmConfig(Section):
                     "as the first peer prints it"
                 )
         return value
-
-    @property
-    def state_every(self) -> int:
-        """``average_state_every`` with its default filled in."""
-        if self.average_state_every is not None:
-            return self.average_state_every
-        return 1 if self.local_updates else 5
 
     @model_validator(mode="after")
     def _compatible_modes(self) -> SwarmConfig:

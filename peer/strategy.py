@@ -363,7 +363,7 @@ class _SwarmSteps:
             optimizer=optimizer,
             scheduler=scheduler_factory,
             matchmaking_time=swarm.matchmaking_time,
-            average_state_every=swarm.state_every,
+            average_state_every=swarm.average_state_every,
             averaging_timeout=swarm.averaging_timeout,
             load_state_timeout=swarm.load_state_timeout,
             use_local_updates=swarm.local_updates,

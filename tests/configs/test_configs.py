@@ -133,9 +133,8 @@ def test_8bit_compression_is_refused_with_the_reason():
         load_config("digits_tiny", {"swarm.compression": "8bit"})
 
 
-def test_state_averaging_runs_every_5_swarm_steps_unless_it_is_the_only_averaging():
-    assert load_config("digits_tiny").swarm.state_every == 5
-    assert load_config("digits_tiny", {"swarm.local_updates": True}).swarm.state_every == 1
-    assert load_config("digits_tiny", {"swarm.average_state_every": 2}).swarm.state_every == 2
+def test_state_averaging_period_defaults_to_every_step_and_must_be_positive():
+    assert load_config("digits_tiny").swarm.average_state_every == 1
+    assert load_config("digits_tiny", {"swarm.average_state_every": 5}).swarm.average_state_every == 5
     with pytest.raises(ConfigError, match=r"swarm.average_state_every = 0: .*greater than 0"):
         load_config("digits_tiny", {"swarm.average_state_every": 0})

@@ -31,6 +31,8 @@ def join(output_dir: Path, *args: str):
         "/ip4/127.0.0.1/tcp/0",
     ]
     command += ["--max-steps", str(STEPS), "--target-batch-size", str(TARGET), "--batch-size", str(BATCH), *args]
+    # state rounds every 5 swarm steps: the last step (12) must still end with one, or the peers end apart
+    command += ["--average-state-every", "5"]
     return spawn(command, output_dir / "log.txt")
 
 
