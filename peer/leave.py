@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DEADLINE = 7.0
 """Seconds a clean leave may take before the peer leaves without finishing its step: inside Docker's 10 s grace."""
+LAST_WORDS = 2.0
+"""Seconds the actions past the deadline (goodbye, stopping the DHT) may take before the process exits anyway."""
 
 
 class LeaveOnSignal(pl.Callback):
@@ -83,7 +85,12 @@ class LeaveOnSignal(pl.Callback):
             "checkpoint written before the signal",
             DEADLINE,
         )
-        self._run(self.past_deadline)
+        # they talk to hivemind's DHT process, which may no longer answer (its pipe broken): bounded, then exit
+        last_words = threading.Thread(target=self._run, args=(self.past_deadline,), name="vitpeer-goodbye", daemon=True)
+        last_words.start()
+        last_words.join(LAST_WORDS)
+        if last_words.is_alive():
+            log.warning("the goodbye did not finish in %.0f s: exiting without it", LAST_WORDS)
         os._exit(0)
 
     @staticmethod

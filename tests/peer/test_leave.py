@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from processes import spawn, wait_for
 
 from peer.demo import stop_all
 from peer.doctor import descendants
+from peer.leave import LAST_WORDS
 
 pytestmark = pytest.mark.slow
 
@@ -110,3 +113,32 @@ def test_sigterm_leaves_cleanly_and_a_restart_keeps_the_peer_id(tmp_path: Path):
 def _text(output_dir: Path) -> str:
     log = output_dir / "log.txt"
     return log.read_text() if log.is_file() else ""
+
+
+HANGING_GOODBYE = """
+import logging, os, signal, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+from peer import leave
+leave.DEADLINE = 1.0
+watcher = leave.LeaveOnSignal()
+watcher.install()
+watcher.past_deadline.append(lambda: time.sleep(600))  # a DHT whose pipe no longer answers
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(600)  # the training loop, stuck in a round
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_goodbye_that_hangs_past_the_deadline_does_not_keep_the_peer_alive():
+    """Seen in CI: after SIGTERM hivemind's DHT process stopped answering, the goodbye past the deadline waited on it,
+    and the peer never exited. Now the process exits 0 at most ``LAST_WORDS`` seconds after the deadline."""
+    process = subprocess.Popen([sys.executable, "-c", HANGING_GOODBYE], stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = process.communicate(timeout=90)
+    finally:
+        process.kill()
+    assert process.returncode == 0, out
+    lines = out.splitlines()
+    assert f"the goodbye did not finish in {LAST_WORDS:.0f} s: exiting without it" in lines, out
+    left, gave_up = (next(i for i, line in enumerate(lines) if text in line) for text in ("leaving now", "goodbye"))
+    assert left < gave_up, out
