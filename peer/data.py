@@ -135,11 +135,12 @@ class ImageSplit(Dataset):
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
         index = int(self.indices[item])
-        if self.kept is None:
-            return self.transform(self.source.image(index)), int(self.source.labels[index])
-        if index not in self.kept:
-            self.kept[index] = self.transform(self.source.image(index))
-        return self.kept[index], int(self.source.labels[index])
+        image = self.kept.get(index) if self.kept is not None else None
+        if image is None:
+            image = self.transform(self.source.image(index))
+            if self.kept is not None:
+                self.kept[index] = image
+        return image, int(self.source.labels[index])
 
 
 def split_indices(
