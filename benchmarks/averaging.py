@@ -8,10 +8,15 @@ Bytes on the wire are read from the loopback interface's counters (``/proc/net/d
 The limit is a raw TCP transfer of the same fp32 bytes over loopback, measured in the same run: a peer sends half its
 vector and gets half back in a 2-peer all-reduce, so the transfer of the whole vector once is what the round costs at
 least.
+
+The second limit is the same transfer through two hivemind p2p daemons (``p2p_relay_seconds``): every averaging byte
+travels averager -> Unix socket -> p2pd -> TCP -> p2pd -> Unix socket -> averager, and no hivemind round can be
+faster than that path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -22,6 +27,7 @@ import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.p2p import P2P
 
 NUMEL = 86_567_656  # vit_base_patch16_224's parameters
 COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}
@@ -63,6 +69,44 @@ def raw_tcp_seconds(nbytes: int, chunk: int = 4 << 20) -> float:
             seconds = time.perf_counter() - started
     assert received[0] == nbytes, (received[0], nbytes)
     return seconds
+
+
+def p2p_relay_seconds(nbytes: int, chunk: int = 1 << 20) -> float:
+    """Seconds to push ``nbytes`` from one hivemind p2p daemon to another over loopback, as averagers' bytes go."""
+
+    async def measure() -> float:
+        receiver = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        sender = await P2P.create(
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await receiver.get_visible_maddrs()
+        )
+        try:
+
+            async def sink(_, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                received = 0
+                while received < nbytes and (got := await reader.read(chunk)):
+                    received += len(got)
+                writer.write(received.to_bytes(8, "big"))
+                await writer.drain()
+                writer.close()
+
+            await receiver.add_binary_stream_handler("bench_sink", sink)
+            _, reader, writer = await sender.call_binary_stream_handler(receiver.peer_id, "bench_sink")
+            payload, left = bytes(chunk), nbytes
+            started = time.perf_counter()
+            while left > 0:
+                writer.write(payload[: min(chunk, left)])
+                await writer.drain()
+                left -= chunk
+            received = int.from_bytes(await reader.readexactly(8), "big")
+            seconds = time.perf_counter() - started
+            writer.close()
+        finally:
+            await sender.shutdown()
+            await receiver.shutdown()
+        assert received == nbytes, (received, nbytes)
+        return seconds
+
+    return asyncio.run(measure())
 
 
 def allreduce_rounds(compression: str, numel: int = NUMEL, rounds: int = 3) -> list[dict[str, float]]:
@@ -123,7 +167,14 @@ def run(rounds: int = 3, numel: int = NUMEL) -> dict[str, Any]:
     """Every compression, and the raw TCP limit, in one run."""
     fp32_bytes = numel * 4
     raw = min(raw_tcp_seconds(fp32_bytes) for _ in range(3))
-    results: dict[str, Any] = {"numel": numel, "fp32_bytes": fp32_bytes, "raw_tcp_s": raw, "compressions": {}}
+    relay = min(p2p_relay_seconds(fp32_bytes) for _ in range(2))
+    results: dict[str, Any] = {
+        "numel": numel,
+        "fp32_bytes": fp32_bytes,
+        "raw_tcp_s": raw,
+        "p2p_relay_s": relay,  # the same bytes through two p2p daemons, one way
+        "compressions": {},
+    }
     for name in COMPRESSIONS:
         measured = allreduce_rounds(name, numel, rounds)
         best = min(measured, key=lambda entry: entry["allreduce_s"])
@@ -134,6 +185,8 @@ def run(rounds: int = 3, numel: int = NUMEL) -> dict[str, Any]:
             "matchmaking_s": sorted(entry["matchmaking_s"] for entry in measured)[len(measured) // 2],
             "wire_bytes_per_peer": best["loopback_bytes"] / 2,  # both peers' traffic crosses lo
             "vs_raw_tcp": best["allreduce_s"] / raw,
+            # a 2-peer round moves its compressed bytes through the daemons: half out and half back per peer
+            "p2p_relay_floor_s": relay * best["loopback_bytes"] / 2 / fp32_bytes,
             "mean_abs_error": measured[0]["mean_abs_error"],  # against the true mean of unit-normal vectors
         }
     return results

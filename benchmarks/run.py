@@ -60,6 +60,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 f"{case['allreduce_s']:.2f} s ({case['vs_raw_tcp']:.1f} x raw TCP {avg['raw_tcp_s']:.2f} s; "
                 f"{wire:.0f} MiB/peer on the wire; matchmaking {case['matchmaking_s']:.2f} s)"
             )
+            if "p2p_relay_floor_s" in case:  # results from before the relay was measured lack it
+                shown += f"; these bytes through the p2p daemons alone: {case['p2p_relay_floor_s']:.2f} s"
             if case["mean_abs_error"] > 0.01:  # unit-normal values: fp16 is off by ~1e-4
                 shown = f"WRONG RESULT (mean error {case['mean_abs_error']:.2f} against the true mean); " + shown
             figure = f"all-reduce of 86.6M params, {name}"

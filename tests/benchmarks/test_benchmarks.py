@@ -18,6 +18,7 @@ def test_small_allreduce_is_timed_and_its_bytes_counted():
     per_peer = measured["loopback_bytes"] / 2
     assert numel * 4 <= per_peer < numel * 4 * 1.3, per_peer
     assert averaging.raw_tcp_seconds(numel * 4) > 0
+    assert averaging.p2p_relay_seconds(numel * 4) > 0  # it also checks that every byte arrived
 
 
 @pytest.mark.parametrize(("ratio", "met"), [(0.99, "yes"), (0.80, "no")])
