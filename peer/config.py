@@ -166,7 +166,8 @@ class SwarmConfig(Section):
     overlap: bool = False
     """Average gradients and run the optimizer in the background while the next batches compute
     (hivemind's delayed parameter updates): parameters lag one swarm step, the peer waits less.
-    Off by default: in our 2-peer digits runs it stalled learning (loss stayed at chance); see issue 9."""
+    Experimental and off by default: in our 2-peer digits runs the swarm did not learn with it (loss stayed at
+    chance); a peer started with it warns so. README, known limits, has what we found."""
     progress_expiration: float = Field(default=20.0, gt=0)
     """Seconds a peer's progress report lives in the DHT (hivemind's default is 60). A peer that crashed still counts
     as present this long, and a peer restarted after everyone left waits this long before it trains on."""

@@ -335,6 +335,11 @@ class _SwarmSteps:
                 "swarm.overlap applies parameter updates in the background, after the step the other local ranks "
                 "follow; use it with one device per peer (parallel.strategy = 'single')"
             )
+        if self.swarm.overlap and self.leader:
+            log.warning(
+                "swarm.overlap is experimental: in our 2-peer runs the swarm did not learn with it (README, known "
+                "limits); train without --overlap unless you are working on it"
+            )
         super().setup(trainer)
         if trainer.state.fn == "fit":
             self._prepare_swarm_parameters()

@@ -111,6 +111,19 @@ def test_fp16_mixed_is_refused_with_the_alternative(config, tmp_path: Path):
         dht.shutdown()
 
 
+def test_overlap_trains_a_lone_peer_and_warns_that_it_is_experimental(config, tmp_path: Path, caplog):
+    """``--overlap`` did not learn in our 2-peer runs (README, known limits): whoever turns it on is told so."""
+    config.swarm.overlap = True
+    dht = start_dht(config.swarm)
+    try:
+        with caplog.at_level("WARNING", logger="peer.strategy"):
+            trainer, strategy = fit(config, dht, 2, tmp_path)
+        assert strategy.optimizer.local_epoch == 2 and trainer.global_step == 2
+        assert any("swarm.overlap is experimental" in record.getMessage() for record in caplog.records)
+    finally:
+        dht.shutdown()
+
+
 def test_unreachable_initial_peer_is_reported(config):
     dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWPTNKP3hSWvWP54hH9AGzu5mPA7wpXLpZc5PPnNGmwA2u"
     swarm = config.swarm.model_copy(update={"initial_peers": [dead]})
