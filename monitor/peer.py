@@ -34,7 +34,7 @@ from peer.report import vitpeer_version
 from peer.strategy import SwarmEvents, SwarmOptimizer
 
 if TYPE_CHECKING:
-    from peer.report import SwarmReporter
+    from peer.reporter import SwarmReporter
     from peer.strategy import HivemindStrategy
 
 ROUND_OUTCOMES = ("averaged", "failed", "alone")

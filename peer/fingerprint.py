@@ -20,12 +20,11 @@ import hivemind
 import pytorch_lightning as pl
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.schema import BytesWithPublicKey
 from hivemind.utils import get_dht_time
-from pydantic.v1 import BaseModel, conint, constr
 
 from peer.config import ConfigError, ModelConfig
 from peer.module import image_config
+from peer.report import RunFingerprint
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +32,6 @@ WIRE_FORMAT = 1
 """Bump when what peers exchange changes shape or meaning (tensor order, extra tensors, state layout)."""
 TTL = 60.0
 """Seconds a published fingerprint lives; refreshed every ``TTL / 3`` while its peer runs."""
-
-
-class RunFingerprint(BaseModel):
-    """What a peer trains, as published. ``digest`` decides; the rest is for the message a mismatch prints."""
-
-    digest: constr(strict=True, min_length=16, max_length=64)
-    model: constr(strict=True, max_length=200)
-    parameters: conint(strict=True, ge=0)
-    img_size: conint(strict=True, gt=0)
-    classes: conint(strict=True, gt=0)
-    wire_format: conint(strict=True, ge=0)
-
-    def describe(self) -> str:
-        return (
-            f"{self.model} ({self.parameters:,} parameters) at {self.img_size} px for {self.classes} classes, "
-            f"wire format {self.wire_format} (fingerprint {self.digest})"
-        )
-
-
-class FingerprintSchema(BaseModel):
-    fingerprint: dict[BytesWithPublicKey, RunFingerprint | None]
 
 
 def fingerprint_key(run_id: str) -> str:

@@ -21,7 +21,7 @@ from peer.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
 from peer.leave import LeaveOnSignal
 from peer.module import ImageClassifier, build_model, image_config
 from peer.parallel import check_precision, device_type, sharder
-from peer.report import SwarmReporter
+from peer.reporter import SwarmReporter
 from peer.strategy import HivemindDDPStrategy, HivemindFSDPStrategy, HivemindStrategy, SwarmEvents, _SwarmSteps
 from peer.swarm import data_order_seed, join_hint, reachable_maddrs, start_dht
 from peer.train import RunStats, run_callbacks, trainer_args, write_results

@@ -1,0 +1,83 @@
+"""``SwarmReporter``: the Lightning callback that publishes this peer's ``peer.report.PeerReport`` to the DHT."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from typing import Any
+
+import hivemind
+import pytorch_lightning as pl
+import torch
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+from pytorch_lightning.utilities.data import extract_batch_size
+
+from peer.report import REPORT_TTL, PeerReport, metrics_key, vitpeer_version
+
+REPORT_EVERY = 15.0
+"""Seconds between records when swarm steps are slower than that (so a slow peer never looks dead)."""
+
+
+def hardware_summary() -> str:
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
+    return f"cpu: {os.cpu_count()} cores ({platform.machine()})"
+
+
+class SwarmReporter(pl.Callback):
+    """Publishes this peer's ``PeerReport`` to the DHT once per swarm step (at most every ``REPORT_EVERY`` s apart).
+
+    The store is signed and sent by the DHT process in the background (``return_future=True``): training never waits.
+    """
+
+    def __init__(self, dht: hivemind.DHT, run_id: str):
+        self.dht, self.key = dht, metrics_key(run_id)
+        self.subkey = RSASignatureValidator().local_public_key  # this process's key: the one SignatureGuard signs with
+        self.peer_id = dht.peer_id.to_base58()
+        self.hardware, self.version = hardware_summary(), vitpeer_version()
+        self.samples = self.mini_steps = 0
+        self.window_loss, self.window_samples = 0.0, 0
+        self.reported_step, self.reported_at = -1, 0.0
+        self.last: dict[str, Any] | None = None  # the newest published report (the Prometheus exporter reads it)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        size = extract_batch_size(batch) * trainer.world_size  # with local DDP ranks, the peer's samples: all ranks'
+        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float("nan")
+        self.samples += size
+        self.mini_steps += 1
+        if math.isfinite(loss):
+            self.window_loss += loss * size
+            self.window_samples += size
+        opt = trainer.strategy.optimizer
+        if opt.local_epoch != self.reported_step or time.monotonic() - self.reported_at > REPORT_EVERY:
+            self.publish(opt.local_epoch, opt.local_progress.samples_per_second)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a goodbye: the record becomes None, so the coordinator stops listing this peer at once
+        self.dht.store(self.key, subkey=self.subkey, value=None, expiration_time=get_dht_time() + REPORT_TTL)
+
+    def publish(self, step: int, samples_per_second: float) -> None:
+        report = self.report(step, samples_per_second)
+        self.dht.store(
+            self.key, subkey=self.subkey, value=report, expiration_time=get_dht_time() + REPORT_TTL, return_future=True
+        )
+        self.reported_step, self.reported_at, self.last = step, time.monotonic(), report
+        self.window_loss, self.window_samples = 0.0, 0
+
+    def report(self, step: int, samples_per_second: float) -> dict[str, Any]:
+        loss = self.window_loss / self.window_samples if self.window_samples else None
+        return PeerReport(
+            peer_id=self.peer_id,
+            step=step,
+            loss=loss,
+            window_samples=self.window_samples,
+            samples_per_second=float(max(0.0, samples_per_second)),
+            samples=self.samples,
+            mini_steps=self.mini_steps,
+            version=self.version,
+            hardware=self.hardware,
+            time=get_dht_time(),
+        ).dict()
