@@ -178,15 +178,16 @@ def run(rounds: int = 3, numel: int = NUMEL) -> dict[str, Any]:
     for name in COMPRESSIONS:
         measured = allreduce_rounds(name, numel, rounds)
         best = min(measured, key=lambda entry: entry["allreduce_s"])
+        wire_bytes_per_peer = best["loopback_bytes"] / 2  # both peers' traffic crosses lo
         results["compressions"][name] = {
             "rounds": measured,
             "allreduce_s": best["allreduce_s"],
             "median_allreduce_s": sorted(entry["allreduce_s"] for entry in measured)[len(measured) // 2],
             "matchmaking_s": sorted(entry["matchmaking_s"] for entry in measured)[len(measured) // 2],
-            "wire_bytes_per_peer": best["loopback_bytes"] / 2,  # both peers' traffic crosses lo
+            "wire_bytes_per_peer": wire_bytes_per_peer,
             "vs_raw_tcp": best["allreduce_s"] / raw,
             # a 2-peer round moves its compressed bytes through the daemons: half out and half back per peer
-            "p2p_relay_floor_s": relay * best["loopback_bytes"] / 2 / fp32_bytes,
+            "p2p_relay_floor_s": relay * wire_bytes_per_peer / fp32_bytes,
             "mean_abs_error": measured[0]["mean_abs_error"],  # against the true mean of unit-normal vectors
         }
     return results

@@ -26,7 +26,7 @@ from pydantic.v1 import BaseModel, confloat, conint, constr
 
 log = logging.getLogger(__name__)
 
-# No Lightning and no torch here: ``vitpeer doctor`` and the coordinator load this through ``peer.swarm``.
+# No Lightning and no timm here (hivemind brings torch): ``vitpeer doctor`` loads this through ``peer.swarm``.
 
 REPORT_TTL = 60.0
 """Seconds a record stays in the DHT: a peer that stops reporting drops out of the coordinator's alive list."""
