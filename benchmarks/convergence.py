@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peer.config import load_config
-from peer.demo import run_demo
+from vitpeer.peer.commands.demo import run_demo
+from vitpeer.peer.core.config import load_config
 
 
 def run(max_steps: int = 600, config: str = "digits_tiny") -> dict[str, Any]:

@@ -6,7 +6,7 @@ is with ``--precision bf16-mixed``. Steps are timed with the device synchronized
 untimed ones (the first allocate memory, pick kernels and, compiled, compile).
 
 MFU = samples/s x 3 x forward FLOPs per sample / the device's dense bf16 peak. Forward FLOPs are counted by
-``peer.profile.count_flops`` (matrix products including the attention products: 35.1 GFLOPs for ViT-B/16 at
+``commands.flops.count_flops`` (matrix products including the attention products: 35.1 GFLOPs for ViT-B/16 at
 224 px; tables that leave the attention products out say 33.7); 3 x counts the backward as twice the forward.
 
 Three variants, each on a freshly built model: attention as plain matrix products (``fused_attn`` off), PyTorch's
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from peer.profile import count_flops
+from vitpeer.peer.commands.flops import count_flops
 
 PEAK_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 """Dense bf16 peak FLOP/s by device name fragment (vendor data sheets, without sparsity)."""

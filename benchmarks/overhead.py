@@ -15,10 +15,10 @@ from typing import Any
 import hivemind
 import pytorch_lightning as pl
 
-from peer.config import RunConfig, load_config
-from peer.data import VisionDataModule, num_classes
-from peer.module import ImageClassifier, build_model, image_config
-from peer.strategy import HivemindStrategy
+from vitpeer.peer.core.config import RunConfig, load_config
+from vitpeer.peer.core.data import VisionDataModule, num_classes
+from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
+from vitpeer.peer.core.strategy import HivemindStrategy
 
 
 class StepClock(pl.Callback):

@@ -21,7 +21,7 @@ from typing import Any
 import click
 import torch
 
-from peer.cli import setup_logging
+from vitpeer.peer.core.options import setup_logging
 
 BENCHES = ("overhead", "utilisation", "averaging", "convergence", "gpu")
 

@@ -53,7 +53,7 @@ class ComputeClock(pl.Callback):
 
 def run(max_steps: int = 60, config: str = "digits_tiny") -> dict[str, Any]:
     """Two timed peers train ``max_steps`` swarm steps of ``config`` together; each one's compute share."""
-    from peer.demo import run_demo
+    from vitpeer.peer.commands.demo import run_demo
 
     with tempfile.TemporaryDirectory(prefix="vitpeer-bench-") as tmp:
         out = Path(tmp)
@@ -77,8 +77,8 @@ def run(max_steps: int = 60, config: str = "digits_tiny") -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # one timed peer: the production command with ComputeClock among its callbacks
-    from peer import join
-    from peer.cli import main
+    from vitpeer.peer.cli import main
+    from vitpeer.peer.commands import join
 
     plain = join.run_callbacks
     join.run_callbacks = lambda config: [*plain(config), ComputeClock(config.trainer.output_dir)]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from peer.config import Section, SwarmConfig
+from vitpeer.peer.core import preflight
+from vitpeer.peer.core.config import RunConfig, Section, SwarmConfig
 
 DEFAULT_HTTP_PORT = 8470
 
@@ -58,3 +59,12 @@ class CoordinatorConfig(Section):
                 "client_mode": False,
             }
         )
+
+
+def check_coordinator(config: RunConfig, coord: CoordinatorConfig) -> None:
+    """``vitpeer coordinator``: the DHT and HTTP ports are free, the state directory writable."""
+    preflight.check_listen_ports(coord.swarm(config.swarm), prefix="")
+    if coord.http_port:
+        host = "0.0.0.0" if coord.http_host in ("", "0.0.0.0") else coord.http_host
+        preflight.check_port_free(host, coord.http_port, f"http_port = {coord.http_port}", "--http-port")
+    preflight.check_writable(coord.state_dir, "state_dir", "--state-dir")

@@ -21,19 +21,18 @@ from typing import Any
 from hivemind.utils import get_dht_time
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from coordinator.api import ApiServer
-from coordinator.checkpoints import CheckpointStore, export_for_timm
-from coordinator.config import CoordinatorConfig
-from coordinator.metrics import History, aggregate, read_reports
-from coordinator.state import SwarmState, evaluate
-from monitor.peer import InfoCollector, host_registry
-from monitor.swarm import SwarmCollector
-from peer.config import RunConfig
-from peer.data import VisionDataModule
-from peer.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
-from peer.module import image_config
-from peer.report import rejected_records
-from peer.swarm import default_route_ip, reachable_maddrs, start_dht
+from vitpeer.coordinator.api import ApiServer
+from vitpeer.coordinator.checkpoints import CheckpointStore, export_for_timm
+from vitpeer.coordinator.config import CoordinatorConfig
+from vitpeer.coordinator.state import SwarmState, evaluate
+from vitpeer.monitor.exporter import InfoCollector, host_registry
+from vitpeer.monitor.swarm import SwarmCollector
+from vitpeer.peer.core.config import RunConfig
+from vitpeer.peer.core.data import VisionDataModule
+from vitpeer.peer.core.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
+from vitpeer.peer.core.model import image_config
+from vitpeer.peer.core.records import MetricsLog, aggregate, read_reports, rejected_records
+from vitpeer.peer.core.swarm import default_route_ip, reachable_maddrs, start_dht
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ class Coordinator:
         self.rejected: dict[str, int] = {}
         self.last_checkpoint_time = time.monotonic()
         self.lock = threading.Lock()
-        self.history = History(coord.state_dir / "metrics.jsonl")
+        self.history = MetricsLog(coord.state_dir / "metrics.jsonl")
         self.store = CheckpointStore(coord.state_dir / "checkpoints", coord.keep_last)
         self.hash = config_hash(config)
 

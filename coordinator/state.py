@@ -27,10 +27,10 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from torch import nn
 from torch.utils.data import DataLoader
 
-from peer.config import RunConfig
-from peer.data import num_classes
-from peer.module import ImageClassifier, build_model
-from peer.strategy import COMPRESSION, factory_form
+from vitpeer.peer.core.config import RunConfig
+from vitpeer.peer.core.data import num_classes
+from vitpeer.peer.core.model import ImageClassifier, build_model
+from vitpeer.peer.core.strategy import COMPRESSION, factory_form
 
 log = logging.getLogger(__name__)
 

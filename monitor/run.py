@@ -2,7 +2,7 @@
 
 A DHT node in client mode (it serves nothing to the swarm) with vitpeer's record validators joins through the given
 initial peers, reads the peers' signed metrics records every ``poll_interval`` seconds, and serves them as the
-swarm series of ``monitor.swarm`` until SIGTERM or Ctrl-C.
+swarm series of ``vitpeer.monitor.swarm`` until SIGTERM or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from coordinator.metrics import aggregate, read_reports
-from monitor.serve import MetricsServer
-from monitor.swarm import SwarmCollector
-from peer.config import SwarmConfig
-from peer.report import rejected_records
-from peer.swarm import start_dht
+from vitpeer.monitor.swarm import SwarmCollector
+from vitpeer.peer.core.config import SwarmConfig
+from vitpeer.peer.core.http import MetricsServer
+from vitpeer.peer.core.records import aggregate, read_reports, rejected_records
+from vitpeer.peer.core.swarm import start_dht
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from peer.doctor import descendants
+from vitpeer.peer.commands.doctor import descendants
 
 KEEP = {"torch_shm_manag"}  # torch's shared-memory helper: it leaves with us, and killing it first aborts the exit
 

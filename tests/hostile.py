@@ -5,7 +5,7 @@
 - ``HOSTILE_SAY_ROUNDS=1``: print ``averaging round begins`` (flushed) when this peer hands its gradients to a
   round, so a test can SIGKILL it in the middle of averaging.
 
-Everything else is the production code path: ``peer.cli.main``.
+Everything else is the production code path: ``vitpeer.peer.cli.main``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import sys
 
 import torch
 
-from peer import module, strategy
-from peer.cli import main
+from vitpeer.peer.cli import main
+from vitpeer.peer.core import model as module
+from vitpeer.peer.core import strategy
 
 ROUND_MARK = "averaging round begins"
 

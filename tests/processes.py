@@ -1,7 +1,7 @@
 """Starting real vitpeer processes in tests: coordinators and peers on 127.0.0.1, their logs, their addresses.
 
 Shared by the multi-process tests (``tests/coordinator``, ``tests/monitor``); importable because pytest puts
-``tests/`` (the root conftest's directory) on ``sys.path``. Callers stop what they start with ``peer.demo.stop_all``
+``tests/`` (the root conftest's directory) on ``sys.path``. Callers stop what they start with ``commands.demo.stop_all``
 in a ``finally`` block; the session fixture in ``conftest.py`` reaps anything left.
 """
 
@@ -45,7 +45,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float =
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def spawn(command: list[str], log: Path, module: str = "peer.cli", **env: str) -> subprocess.Popen:
+def spawn(command: list[str], log: Path, module: str = "vitpeer.peer.cli", **env: str) -> subprocess.Popen:
     """``python -m module command...`` (the ``vitpeer`` command by default; ``hostile`` for one with test faults),
     stdout and stderr appended to ``log``."""
     tests = str(Path(__file__).resolve().parent)  # where ``hostile`` lives

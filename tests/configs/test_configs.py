@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.config import CONFIG_DIR, ConfigError, RunConfig, load_config
+from vitpeer.peer.core.config import CONFIG_DIR, ConfigError, RunConfig, load_config
 
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 

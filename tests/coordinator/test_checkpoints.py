@@ -16,9 +16,9 @@ import timm
 import torch
 from torch import nn
 
-from coordinator.checkpoints import CHUNK_DELAY_ENV, CheckpointStore, export_for_timm
-from peer.config import ModelConfig
-from peer.module import build_model
+from vitpeer.coordinator.checkpoints import CHUNK_DELAY_ENV, CheckpointStore, export_for_timm
+from vitpeer.peer.core.config import ModelConfig
+from vitpeer.peer.core.model import build_model
 
 KWARGS = {"patch_size": 4, "embed_dim": 96, "depth": 2, "num_heads": 3}
 
@@ -81,7 +81,7 @@ def test_write_killed_midway_leaves_the_old_file_intact(tmp_path: Path):
     partial = tmp_path / "state.pt.tmp"
     size = 8 << 20  # 8 chunks, 0.5 s apart: about 4 s of writing
     code = (
-        "import sys; from pathlib import Path; from coordinator.checkpoints import write_atomic; "
+        "import sys; from pathlib import Path; from vitpeer.coordinator.checkpoints import write_atomic; "
         f"write_atomic(Path(sys.argv[1]), b'n' * {size})"
     )
     child = subprocess.Popen(

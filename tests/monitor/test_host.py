@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitor.host import HostCollector, Nvml
+from vitpeer.monitor.host import HostCollector, Nvml
 
 
 class NVMLError(Exception):
@@ -21,7 +21,7 @@ class NVMLError(Exception):
 
 
 def fake_nvml(gpus: list[dict], broken: set[tuple[int, str]] = frozenset()) -> SimpleNamespace:
-    """The pynvml calls monitor.host makes, answering from ``gpus``; ``broken`` (index, call) pairs raise."""
+    """The pynvml calls vitpeer.monitor.host makes, answering from ``gpus``; ``broken`` (index, call) pairs raise."""
 
     def call(name, answer):
         def run(handle, *args):

@@ -22,9 +22,9 @@ import torch
 from click.testing import CliRunner
 from processes import free_port
 
-from peer.cli import main
-from peer.config import load_config
-from peer.demo import stop_all
+from vitpeer.peer.cli import main
+from vitpeer.peer.commands.demo import stop_all
+from vitpeer.peer.core.config import load_config
 
 VITPEER = Path(sys.executable).with_name("vitpeer")  # the virtual env's console script
 README = Path(__file__).resolve().parents[2] / "README.md"

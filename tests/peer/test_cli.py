@@ -8,7 +8,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from peer.cli import main
+from vitpeer.peer.cli import main
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,9 @@ def test_bad_value_exits_with_key_and_value():
 
 
 def test_console_script_runs():
-    result = subprocess.run([sys.executable, "-m", "peer.cli", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "vitpeer.peer.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "join" in result.stdout
 
 

@@ -1,4 +1,4 @@
-"""Tests of peer.data on real files the tests write themselves: digits, CIFAR pickles, PNG folders, HF datasets."""
+"""Tests of core.data on real files the tests write themselves: digits, CIFAR pickles, PNG folders, HF datasets."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.transforms import RandomHorizontalFlip
 
-from peer.config import DataConfig
-from peer.data import VisionDataModule, build_transforms, num_classes, split_indices
+from vitpeer.peer.core.config import DataConfig
+from vitpeer.peer.core.data import VisionDataModule, build_transforms, num_classes, split_indices
 
 IMAGE_CONFIG = {
     "input_size": (3, 32, 32),

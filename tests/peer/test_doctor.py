@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from peer import doctor
+from vitpeer.peer.commands import doctor
 
 ROOT = Path(__file__).resolve().parents[2]
 DEAD_PEER_ID = "12D3KooWMDNVJKmcbMXyCtbGCidASwAV1xnjExXHgsbYsDdHkANH"
@@ -30,7 +30,7 @@ def run_doctor(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     """``vitpeer doctor ARGS`` as a volunteer runs it; ``subprocess.run`` kills it if it outlives ``timeout``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("VITPEER_")}
     return subprocess.run(
-        [sys.executable, "-c", "from peer.doctor import command; command()", *args],
+        [sys.executable, "-c", "from vitpeer.peer.commands.doctor import command; command()", *args],
         cwd=ROOT,
         env={**env, "OMP_NUM_THREADS": "1"},
         capture_output=True,
@@ -170,7 +170,7 @@ def test_json_output_parses():
 
 
 def test_help_is_fast_and_imports_neither_torch_nor_hivemind():
-    code = "import sys, peer.doctor; print(sorted({'torch', 'hivemind'} & set(sys.modules)))"
+    code = "import sys, vitpeer.peer.commands.doctor; print(sorted({'torch', 'hivemind'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
     from click.testing import CliRunner

@@ -26,8 +26,8 @@ import torch
 from hostile import ROUND_MARK
 from processes import CONFIG, Coordinator, free_port, spawn, wait_for
 
-from peer.config import resolve_config_path
-from peer.demo import stop_all
+from vitpeer.peer.commands.demo import stop_all
+from vitpeer.peer.core.config import resolve_config_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first test waits for the whole scenario
 
@@ -71,7 +71,7 @@ class Swarm:
     def log(self, name: str) -> Path:
         return self.out(name) / "log.txt"
 
-    def join(self, name: str, *extra: str, module: str = "peer.cli", **env: str):
+    def join(self, name: str, *extra: str, module: str = "vitpeer.peer.cli", **env: str):
         self.out(name).mkdir(exist_ok=True)
         command = ["join", "--coordinator", self.coordinator.url, "--output-dir", str(self.out(name))]
         command += ["--host-maddr", "/ip4/127.0.0.1/tcp/0", "--max-steps", str(MAX_STEPS)]

@@ -15,9 +15,9 @@ import pytest
 import torch
 from processes import spawn, wait_for
 
-from peer.demo import stop_all
-from peer.doctor import descendants
-from peer.leave import LAST_WORDS
+from vitpeer.peer.commands.demo import stop_all
+from vitpeer.peer.commands.doctor import descendants
+from vitpeer.peer.core.leave import LAST_WORDS
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_sigterm_leaves_cleanly_and_a_restart_keeps_the_peer_id(tmp_path: Path):
         log = _text(volunteer)
         assert code == 0 and took < 10, (code, took, log[-3000:])
         assert "SIGTERM: leaving the swarm after this step" in log
-        # a clean leave finishes its step; one whose rounds wait for peers leaves at the deadline (peer.leave)
+        # a clean leave finishes its step; one whose rounds wait for peers leaves at the deadline (core.leave)
         assert "left the swarm at swarm step" in log or "the clean leave did not end in" in log
         time.sleep(0.5)
         assert not [pid for pid in daemons if alive(pid)], "a p2p daemon outlived its peer"
@@ -118,7 +118,7 @@ def _text(output_dir: Path) -> str:
 HANGING_GOODBYE = """
 import logging, os, signal, sys, time
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-from peer import leave
+from vitpeer.peer.core import leave
 leave.DEADLINE = 1.0
 watcher = leave.LeaveOnSignal()
 watcher.install()

@@ -14,7 +14,7 @@ import timm
 import torch
 from click.testing import CliRunner
 
-from peer.profile import command, count_flops, percentile
+from vitpeer.peer.commands.flops import command, count_flops, percentile
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_profile(*args: str) -> subprocess.CompletedProcess:
     """The real command in a fresh interpreter (cli.py registers it as ``vitpeer profile``)."""
     return subprocess.run(
-        [sys.executable, "-c", "from peer.profile import command; command()", *args],
+        [sys.executable, "-c", "from vitpeer.peer.commands.flops import command; command()", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -95,7 +95,7 @@ def test_help_has_an_example():
 
 def test_importing_the_command_leaves_torch_unloaded():
     """``vitpeer --help`` imports every command's module; this one must not pull in torch or timm."""
-    check = "import sys, peer.profile; print(sorted({'torch', 'timm'} & set(sys.modules)))"
+    check = "import sys, vitpeer.peer.commands.flops; print(sorted({'torch', 'timm'} & set(sys.modules)))"
     finished = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert finished.stdout.strip() == "[]", finished.stderr
 
@@ -119,7 +119,7 @@ def test_unknown_model_is_one_line_naming_it():
 @pytest.mark.gpu
 def test_cuda_counts_what_cpu_counts():
     """CUDA's attention kernels are counted by torch itself; the total must equal the CPU's."""
-    from peer.profile import profile_model
+    from vitpeer.peer.commands.flops import profile_model
 
     on_gpu = profile_model("vit_tiny_patch16_224", img_size=32, device="cuda", runs=2)
     on_cpu = profile_model("vit_tiny_patch16_224", img_size=32, device="cpu", runs=2)

@@ -10,7 +10,7 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.report import PeerReport, metrics_key, record_validators, rejected_records
+from vitpeer.peer.core.records import PeerReport, metrics_key, record_validators, rejected_records
 
 RUN_ID = "report-test"
 

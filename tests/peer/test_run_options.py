@@ -15,14 +15,14 @@ import pytest
 import torch
 import yaml
 
-from peer.config import load_config
-from peer.module import Schedule
+from vitpeer.peer.core.config import load_config
+from vitpeer.peer.core.model import Schedule
 
 
 def vitpeer(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "peer.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "vitpeer.peer.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from peer.cli import main
+from vitpeer.peer.cli import main
 
 
 class Trap:

@@ -8,12 +8,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from peer.config import load_config
-from peer.data import VisionDataModule, num_classes
-from peer.module import ImageClassifier, Schedule, build_model, image_config
-from peer.progress import ProgressBar
-from peer.strategy import HivemindStrategy
-from peer.swarm import start_dht
+from vitpeer.peer.core.config import load_config
+from vitpeer.peer.core.data import VisionDataModule, num_classes
+from vitpeer.peer.core.model import ImageClassifier, Schedule, build_model, image_config
+from vitpeer.peer.core.progress import ProgressBar
+from vitpeer.peer.core.strategy import HivemindStrategy
+from vitpeer.peer.core.swarm import start_dht
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -116,7 +116,7 @@ def test_overlap_trains_a_lone_peer_and_warns_that_it_is_experimental(config, tm
     config.swarm.overlap = True
     dht = start_dht(config.swarm)
     try:
-        with caplog.at_level("WARNING", logger="peer.strategy"):
+        with caplog.at_level("WARNING", logger="vitpeer.peer.core.strategy"):
             trainer, strategy = fit(config, dht, 2, tmp_path)
         assert strategy.optimizer.local_epoch == 2 and trainer.global_step == 2
         assert any("swarm.overlap is experimental" in record.getMessage() for record in caplog.records)
@@ -136,7 +136,7 @@ def test_our_averagers_speak_the_protocols_of_hivemind_s_own():
     state from the coordinator, or average with a peer running plain hivemind."""
     from hivemind.optim import grad_averager, state_averager
 
-    from peer.strategy import GradientAverager, TrainingStateAverager
+    from vitpeer.peer.core.strategy import GradientAverager, TrainingStateAverager
 
     for ours, theirs in [
         (GradientAverager, grad_averager.GradientAverager),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peer.demo import run_demo
+from vitpeer.peer.commands.demo import run_demo
 
 pytestmark = pytest.mark.slow
 

@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from peer.config import load_config
-from peer.data import VisionDataModule
-from peer.demo import stop_all
-from peer.module import ImageClassifier, build_model, image_config
-from peer.parallel import shard_model
+from vitpeer.peer.commands.demo import stop_all
+from vitpeer.peer.core.config import load_config
+from vitpeer.peer.core.data import VisionDataModule
+from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
+from vitpeer.peer.core.parallel import shard_model
 
 STEPS = 40  # digits_tiny: about 2 epochs of its training split at 2 x 32 samples per step
 RESULT_KEYS = {"train_runtime", "train_samples", "train_samples_per_second", "epoch_time_seconds"}
@@ -35,7 +35,16 @@ RESULT_KEYS |= {"train_loss", "eval_loss", "epoch", "evaluated_checkpoint"}
 
 def train(output_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     output_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "peer.cli", "train", "--output-dir", str(output_dir), "--max-steps", str(STEPS)]
+    command = [
+        sys.executable,
+        "-m",
+        "vitpeer.peer.cli",
+        "train",
+        "--output-dir",
+        str(output_dir),
+        "--max-steps",
+        str(STEPS),
+    ]
     with (output_dir / "log.txt").open("w") as log:
         return subprocess.Popen(
             [*command, *args],

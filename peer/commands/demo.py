@@ -18,11 +18,11 @@ from pathlib import Path
 
 import hivemind
 
-OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d vitpeer ")  # the format peer.cli.setup_logging gives our own records
+OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d vitpeer ")  # the format core.options.setup_logging gives our own records
 
 
 def peer_command(
-    config: str, initial_peers: list[str], output_dir: Path, max_steps: int | None, module: str = "peer.cli"
+    config: str, initial_peers: list[str], output_dir: Path, max_steps: int | None, module: str = "vitpeer.peer.cli"
 ) -> list[str]:
     command = [sys.executable, "-m", module, "join", "--config", config, "--output-dir", str(output_dir)]
     command += ["--host-maddr", "/ip4/127.0.0.1/tcp/0", "--initial-peers", ",".join(initial_peers)]
@@ -56,7 +56,7 @@ def stop_all(processes: list[subprocess.Popen], grace: float = 10.0) -> None:
 
 
 def run_demo(
-    peers: int, config: str, output_dir: Path, max_steps: int | None = None, module: str = "peer.cli"
+    peers: int, config: str, output_dir: Path, max_steps: int | None = None, module: str = "vitpeer.peer.cli"
 ) -> float | None:
     """Run the local swarm to the end; return the peers' mean test accuracy, or None if a peer failed. ``module``:
     what each peer runs with ``python -m`` (the benchmarks use a timed ``vitpeer``)."""

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torchmetrics.classification import MulticlassAccuracy
 
-from peer.config import ModelConfig, OptimConfig
+from vitpeer.peer.core.config import ModelConfig, OptimConfig
 
 
 def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
@@ -103,7 +103,7 @@ class ImageClassifier(pl.LightningModule):
         self.net = net
         self.optim = optim
         self.max_steps = max_steps
-        self.shard = shard  # FSDP: how to shard ``net`` over the data-parallel ranks (``peer.parallel.shard_model``)
+        self.shard = shard  # FSDP: how to shard ``net`` over the data-parallel ranks (``core.parallel.shard_model``)
         # micro: correct / seen, the top-1 accuracy people quote (torchmetrics' default, macro, averages per class)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

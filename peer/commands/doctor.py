@@ -145,9 +145,15 @@ def check_hivemind() -> list[Check]:
 def check_swarm_module() -> list[Check]:
     """vitpeer's own swarm code imports (it brings in Lightning): nothing on this list, only a FAIL when it breaks."""
     try:
-        import peer.swarm  # noqa: F401
+        import vitpeer.peer.core.swarm  # noqa: F401
     except Exception as err:
-        return [Check("vitpeer", "FAIL", f"peer.swarm does not import ({err!r}); reinstall vitpeer: pip install -e .")]
+        return [
+            Check(
+                "vitpeer",
+                "FAIL",
+                f"vitpeer.peer.core.swarm does not import ({err!r}); reinstall vitpeer: pip install -e .",
+            )
+        ]
     return []
 
 
@@ -297,7 +303,7 @@ async def _ping_peers(addrs: list[str], _dht: Any, node: Any) -> dict[str, float
 
 def check_coordinator(url: str, timeout: float) -> list[Check]:
     """GET ``url``/status within ``timeout`` seconds and report the run id and how many peers it lists."""
-    from peer.swarm import coordinator_get
+    from vitpeer.peer.core.swarm import coordinator_get
 
     started = time.monotonic()
     fetch = in_background(coordinator_get, url, "status", min(COORDINATOR_WAIT, timeout))
@@ -330,7 +336,7 @@ def running_dht(timeout: float, initial_peers: Sequence[str] = ()) -> Iterator[t
     on every path."""
     import hivemind
 
-    from peer.swarm import children_die_with_us
+    from vitpeer.peer.core.swarm import children_die_with_us
 
     children_die_with_us()  # the DHT process dies with us, even if we are killed
     dht = hivemind.DHT(
@@ -482,7 +488,9 @@ def run_doctor(
     hivemind_checks = check_hivemind()
     if all(check.status != "FAIL" for check in hivemind_checks):
         hivemind_checks += check_swarm_module()
-    swarm_ok = all(check.status != "FAIL" for check in hivemind_checks)  # hivemind and peer.swarm both import
+    swarm_ok = all(
+        check.status != "FAIL" for check in hivemind_checks
+    )  # hivemind and vitpeer.peer.core.swarm both import
     checks = [*check_python(), *check_torch(), *hivemind_checks]
     # asked in a thread while the p2p checks run; started only now, so that no two threads import at the same time
     coordinator_checks = in_background(check_coordinator, coordinator, timeout) if coordinator and swarm_ok else None

@@ -1,6 +1,6 @@
 """A training peer's Prometheus exporter (``vitpeer join --metrics-port P``).
 
-Series, besides the host's (``monitor.host``) and prometheus_client's standard ``process_*``::
+Series, besides the host's (``vitpeer.monitor.host``) and prometheus_client's standard ``process_*``::
 
     vitpeer_peer_info{peer_id,run_id,version,strategy} 1
     vitpeer_samples_total                      samples this peer trained on (forward + backward)
@@ -11,7 +11,7 @@ Series, besides the host's (``monitor.host``) and prometheus_client's standard `
     vitpeer_swarm_peers                        swarm size this peer sees
     vitpeer_swarm_samples_accumulated          samples the swarm gathered toward the next step
     vitpeer_target_batch_size                  samples per swarm step
-    vitpeer_averaging_rounds_total{outcome}    averaged | failed | alone (see ``peer.strategy.SwarmEvents``)
+    vitpeer_averaging_rounds_total{outcome}    averaged | failed | alone (see ``core.strategy.SwarmEvents``)
     vitpeer_averaging_round_duration_seconds   histogram: gradients handed over -> round finished
     vitpeer_state_downloads_total{outcome}     loaded | current | failed
     vitpeer_batches_skipped_total{reason}      nonfinite: local batches whose NaN/Inf gradients were not sent
@@ -29,13 +29,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from monitor.host import HostCollector, Nvml
-from peer.report import vitpeer_version
-from peer.strategy import SwarmEvents, SwarmOptimizer
+from vitpeer.monitor.host import HostCollector, Nvml
+from vitpeer.peer.core.records import vitpeer_version
+from vitpeer.peer.core.strategy import SwarmEvents, SwarmOptimizer
 
 if TYPE_CHECKING:
-    from peer.reporter import SwarmReporter
-    from peer.strategy import HivemindStrategy
+    from vitpeer.peer.core.reporter import SwarmReporter
+    from vitpeer.peer.core.strategy import HivemindStrategy
 
 ROUND_OUTCOMES = ("averaged", "failed", "alone")
 DOWNLOAD_OUTCOMES = ("loaded", "current", "failed")

@@ -34,8 +34,8 @@ from pytorch_lightning.utilities.data import extract_batch_size
 from torch.distributed.tensor import distribute_tensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from peer.config import SwarmConfig
-from peer.parallel import check_precision
+from vitpeer.peer.core.config import SwarmConfig
+from vitpeer.peer.core.parallel import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class _LoadDeadline:
 class SwarmEvents:
     """What the strategy reports as it happens, for metrics sinks; this base ignores it.
 
-    ``monitor.peer.PeerExporter`` counts these for Prometheus. Calls may come from hivemind's background threads.
+    ``monitor.exporter.PeerExporter`` counts these for Prometheus. Calls may come from hivemind's background threads.
     """
 
     def averaging_round(self, outcome: str, seconds: float | None) -> None:
@@ -313,7 +313,7 @@ class _SwarmSteps:
         self._batch_size: int | None = None
         self._followed_epoch = self._followed_version = -1
         self.leave = threading.Event()
-        """Set (by ``peer.leave.LeaveOnSignal``) to stop after the current local step; the leader's decides."""
+        """Set (by ``core.leave.LeaveOnSignal``) to stop after the current local step; the leader's decides."""
 
     @property
     def leader(self) -> bool:
@@ -424,13 +424,13 @@ class _SwarmSteps:
         return found if isinstance(found, SwarmOptimizer) else None
 
     def stop_averaging_state(self) -> None:
-        """Leaving (``peer.leave``, from a helper thread): start no more state-averaging rounds. The gradient round
+        """Leaving (``core.leave``, from a helper thread): start no more state-averaging rounds. The gradient round
         in flight goes on, so the others, who wait for this peer's part, lose nothing."""
         if (optimizer := self._swarm_optimizer) is not None:
             optimizer.average_state_every = 2**31  # hivemind averages state when the next epoch divides by it
 
     def say_goodbye(self) -> None:
-        """Leaving past the deadline (``peer.leave``, from a helper thread): tell the swarm, without waiting for
+        """Leaving past the deadline (``core.leave``, from a helper thread): tell the swarm, without waiting for
         the training loop."""
         if (optimizer := self._swarm_optimizer) is not None:
             optimizer.say_goodbye()
@@ -497,7 +497,7 @@ class _SwarmSteps:
 
 
 class HivemindStrategy(_SwarmSteps, SingleDeviceStrategy):
-    """One hivemind peer on one device. ``dht`` is a started ``hivemind.DHT`` (see ``peer.swarm.start_dht``)."""
+    """One hivemind peer on one device. ``dht`` is a started ``hivemind.DHT`` (see ``core.swarm.start_dht``)."""
 
     strategy_name = "hivemind"
 

@@ -22,9 +22,9 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
-from peer.config import ConfigError, ModelConfig
-from peer.module import image_config
-from peer.report import RunFingerprint
+from vitpeer.peer.core.config import ConfigError, ModelConfig
+from vitpeer.peer.core.model import image_config
+from vitpeer.peer.core.records import RunFingerprint
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from peer.config import DataConfig
+from vitpeer.peer.core.config import DataConfig
 
 FIXED_CLASS_COUNTS = {"digits": 10, "cifar10": 10, "cifar100": 100}
 """Sources whose number of classes is known without looking at any file."""

@@ -2,12 +2,12 @@
 
 The command is started once per node and Lightning finds its place in the cluster from the environment:
 
-- ``torchrun --nnodes M --nproc-per-node N -m peer.cli train ...``: torchrun's variables, one process per device;
+- ``torchrun --nnodes M --nproc-per-node N -m vitpeer.peer.cli train ...``: torchrun's variables, a process per device;
 - ``MASTER_ADDR=host0 MASTER_PORT=29500 NODE_RANK=i vitpeer train --devices N --num-nodes M``: Lightning starts the
   node's N processes itself;
 - ``srun`` under Slurm (``--ntasks-per-node N``): Slurm's variables.
 
-One run, top to bottom: model and data -> ``pl.Trainer`` with the parallel strategy (``peer.parallel``) -> fit ->
+One run, top to bottom: model and data -> ``pl.Trainer`` with the parallel strategy (``core.parallel``) -> fit ->
 validate and test -> the final weights (``model.safetensors``, written by every node's first process, so each node
 keeps its copy) and ``all_results.json`` (global rank 0) with the numbers that compare DDP and FSDP side by side:
 epoch time, samples/s, peak GPU memory allocated and reserved, accuracy.
@@ -31,13 +31,13 @@ from pytorch_lightning.utilities.data import extract_batch_size
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from peer import progress
-from peer.config import RunConfig
-from peer.data import VisionDataModule, num_classes
-from peer.history import History
-from peer.leave import AtomicCheckpointIO
-from peer.module import ImageClassifier, build_model, image_config
-from peer.parallel import check_precision, device_type, lightning_strategy, sharder
+from vitpeer.peer.core import progress
+from vitpeer.peer.core.config import RunConfig
+from vitpeer.peer.core.data import VisionDataModule, num_classes
+from vitpeer.peer.core.history import History
+from vitpeer.peer.core.leave import AtomicCheckpointIO
+from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
+from vitpeer.peer.core.parallel import check_precision, device_type, lightning_strategy, sharder
 
 log = logging.getLogger(__name__)
 

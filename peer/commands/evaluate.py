@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import classification_report
 
-from peer.config import RunConfig
-from peer.data import VisionDataModule, num_classes
-from peer.module import build_model, image_config
-from peer.parallel import device_type
+from vitpeer.peer.core.config import RunConfig
+from vitpeer.peer.core.data import VisionDataModule, num_classes
+from vitpeer.peer.core.model import build_model, image_config
+from vitpeer.peer.core.parallel import device_type
 
 
 def run_config_beside(checkpoint: Path) -> Path:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from peer.config import ParallelConfig
+from vitpeer.peer.core.config import ParallelConfig
 
 log = logging.getLogger(__name__)
 

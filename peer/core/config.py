@@ -10,14 +10,15 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-"""Where the experiment files ship; ``--config NAME`` without a path looks here."""
+CONFIG_DIR = Path(str(files("vitpeer.configs")))
+"""Where the experiment files ship (``vitpeer.configs``' package data); ``--config NAME`` without a path looks here."""
 
 
 class ConfigError(ValueError):

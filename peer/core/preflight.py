@@ -6,9 +6,8 @@ exit code 2. Nothing here writes into the run directory (the writability probe r
 run leaves an existing run directory exactly as it was.
 
 - ``check_run``: the model name, the data directory, the checkpoint to resume, the precision (``train``; a peer's
-  is checked by ``peer.join.refuse_in_swarm``), for a peer the target batch and the listen ports, and last the
+  is checked by ``commands.join.refuse_in_swarm``), for a peer the target batch and the listen ports, and last the
   output directory.
-- ``check_coordinator``: the state directory and the DHT and HTTP ports.
 - ``check_checkpoint``: a file ``torch.load`` can open without unpickling code, holding a ``state_dict``
   (``vitpeer evaluate`` also accepts ``.safetensors``).
 """
@@ -22,12 +21,8 @@ import socket
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from peer.config import ConfigError, RunConfig, SwarmConfig
-
-if TYPE_CHECKING:
-    from coordinator.config import CoordinatorConfig
+from vitpeer.peer.core.config import ConfigError, RunConfig, SwarmConfig
 
 DATA_DIR_SOURCES = ("cifar10", "cifar100", "imagefolder")
 """Sources that read their files from ``data.data_dir`` and cannot run without it."""
@@ -42,7 +37,9 @@ def check_run(config: RunConfig, *, swarm: bool) -> None:
     check_data_dir(config)
     if config.trainer.resume is not None:
         check_checkpoint(config.trainer.resume, "trainer.resume")
-    if not swarm:  # a peer's precision is checked by peer.join.refuse_in_swarm, with the swarm's own rules
+    if (
+        not swarm
+    ):  # a peer's precision is checked by vitpeer.peer.commands.join.refuse_in_swarm, with the swarm's own rules
         check_precision(config)
     if swarm:
         check_target_batch(config)
@@ -116,9 +113,9 @@ def _checkpoint_problem(path: Path) -> str | None:
 
 
 def check_precision(config: RunConfig) -> None:
-    """The numerics the device supports outside a swarm (``peer.parallel.check_precision``), as a usage error."""
-    from peer.parallel import check_precision as check
-    from peer.parallel import device_type
+    """The numerics the device supports outside a swarm (``core.parallel.check_precision``), as a usage error."""
+    from vitpeer.peer.core.parallel import check_precision as check
+    from vitpeer.peer.core.parallel import device_type
 
     try:
         check(config.trainer.precision, device_type(config.trainer.accelerator), swarm=False)
@@ -195,12 +192,3 @@ def check_writable(path: Path, key: str, flag: str) -> None:
                 folder.rmdir()
             except OSError:
                 break
-
-
-def check_coordinator(config: RunConfig, coord: CoordinatorConfig) -> None:
-    """``vitpeer coordinator``: the DHT and HTTP ports are free, the state directory writable."""
-    check_listen_ports(coord.swarm(config.swarm), prefix="")
-    if coord.http_port:
-        host = "0.0.0.0" if coord.http_host in ("", "0.0.0.0") else coord.http_host
-        check_port_free(host, coord.http_port, f"http_port = {coord.http_port}", "--http-port")
-    check_writable(coord.state_dir, "state_dir", "--state-dir")

@@ -13,24 +13,30 @@ import pytorch_lightning as pl
 import torch
 from torch.distributed.tensor import DTensor
 
-from monitor.peer import PeerExporter
-from monitor.serve import MetricsServer
-from peer.config import ConfigError, RunConfig
-from peer.data import VisionDataModule, num_classes
-from peer.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
-from peer.leave import LeaveOnSignal
-from peer.module import ImageClassifier, build_model, image_config
-from peer.parallel import check_precision, device_type, sharder
-from peer.reporter import SwarmReporter
-from peer.strategy import HivemindDDPStrategy, HivemindFSDPStrategy, HivemindStrategy, SwarmEvents, _SwarmSteps
-from peer.swarm import data_order_seed, join_hint, reachable_maddrs, start_dht
-from peer.train import RunStats, run_callbacks, trainer_args, write_results
+from vitpeer.monitor.exporter import PeerExporter
+from vitpeer.peer.commands.train import RunStats, run_callbacks, trainer_args, write_results
+from vitpeer.peer.core.config import ConfigError, RunConfig
+from vitpeer.peer.core.data import VisionDataModule, num_classes
+from vitpeer.peer.core.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
+from vitpeer.peer.core.http import MetricsServer
+from vitpeer.peer.core.leave import LeaveOnSignal
+from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
+from vitpeer.peer.core.parallel import check_precision, device_type, sharder
+from vitpeer.peer.core.reporter import SwarmReporter
+from vitpeer.peer.core.strategy import (
+    HivemindDDPStrategy,
+    HivemindFSDPStrategy,
+    HivemindStrategy,
+    SwarmEvents,
+    _SwarmSteps,
+)
+from vitpeer.peer.core.swarm import data_order_seed, join_hint, reachable_maddrs, start_dht
 
 log = logging.getLogger(__name__)
 
 
 def pick_device(accelerator: str) -> torch.device:
-    """The device a one-device peer trains on (see ``peer.parallel.device_type``)."""
+    """The device a one-device peer trains on (see ``vitpeer.peer.core.parallel.device_type``)."""
     if device_type(accelerator) == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -76,7 +82,7 @@ def run_join(config: RunConfig) -> dict[str, Any] | None:
     """Join (or start) the swarm, train until ``trainer.max_steps`` swarm steps, test, write results; return them.
 
     With ``parallel.strategy = 'ddp'`` Lightning starts local ranks 1..N-1 by running this same command again
-    (``LOCAL_RANK`` set): they follow the leader (see ``peer.strategy._SwarmSteps``) and touch neither the DHT nor
+    (``LOCAL_RANK`` set): they follow the leader (see ``core.strategy._SwarmSteps``) and touch neither the DHT nor
     the output files. They return None."""
     refuse_in_swarm(config)
     leave = LeaveOnSignal()

@@ -1,4 +1,4 @@
-"""``SwarmReporter``: the Lightning callback that publishes this peer's ``peer.report.PeerReport`` to the DHT."""
+"""``SwarmReporter``: the Lightning callback that publishes this peer's ``core.records.PeerReport`` to the DHT."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from pytorch_lightning.utilities.data import extract_batch_size
 
-from peer.report import REPORT_TTL, PeerReport, metrics_key, vitpeer_version
+from vitpeer.peer.core.records import REPORT_TTL, PeerReport, metrics_key, vitpeer_version
 
 REPORT_EVERY = 15.0
 """Seconds between records when swarm steps are slower than that (so a slow peer never looks dead)."""

@@ -21,8 +21,8 @@ import urllib.request
 import hivemind
 from hivemind.utils.multiaddr import Multiaddr
 
-from peer.config import SwarmConfig
-from peer.report import record_validators
+from vitpeer.peer.core.config import SwarmConfig
+from vitpeer.peer.core.records import record_validators
 
 
 def listen_maddrs(swarm: SwarmConfig) -> list[str]:

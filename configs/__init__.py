@@ -1,0 +1,1 @@
+"""The experiment files vitpeer ships (data only: YAML), read through ``importlib.resources``."""

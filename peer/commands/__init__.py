@@ -1,0 +1,1 @@
+"""The peer's commands: ``vitpeer join``, ``train``, ``demo``, ``doctor``, ``evaluate``, ``profile``, ``plot``."""

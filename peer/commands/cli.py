@@ -1,0 +1,196 @@
+"""The peer's command lines: ``join``, ``train``, ``demo``, ``evaluate``, ``plot`` (and ``doctor`` and ``profile``,
+defined beside what they run). Each parses flags into a validated config, checks it, then imports and calls one run
+function: nothing heavy is imported before the input is known to be good."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vitpeer.peer.commands import doctor, flops
+from vitpeer.peer.core import preflight
+from vitpeer.peer.core.options import (
+    DEFAULT_CONFIG,
+    TRAIN_OPTIONS,
+    build_config,
+    coordinator_timeout_option,
+    fsdp_options,
+    join_config,
+    reported,
+    setup_logging,
+    training_options,
+)
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_file",
+    metavar="FILE",
+    help=f"Experiment YAML (a path or a name in configs/). [default: {DEFAULT_CONFIG}]",
+)
+@click.option(
+    "--initial-peers",
+    multiple=True,
+    metavar="MADDR",
+    envvar="VITPEER_INITIAL_PEERS",
+    help="A peer already in the swarm (repeat, or separate with commas/spaces). None: start a new swarm. "
+    "[env: VITPEER_INITIAL_PEERS]",
+)
+@click.option(
+    "--coordinator",
+    metavar="URL",
+    envvar="VITPEER_COORDINATOR",
+    help="A coordinator's HTTP address (http://HOST:PORT): initial peers, and the run's config unless --config. "
+    "[env: VITPEER_COORDINATOR]",
+)
+@coordinator_timeout_option
+@click.option("--run-id", help="hivemind run id, used exactly as given; all peers of a run share it.")
+@click.option("--host-port", type=int, help="TCP port to listen on (0: any free port). Open it to the internet.")
+@click.option("--host-maddr", multiple=True, metavar="MADDR", help="Listen multiaddr instead of all interfaces.")
+@click.option("--announce-ip", help="Public IP others should dial (behind NAT with a forwarded --host-port).")
+@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="Key file: a stable peer id.")
+@click.option("--client-mode/--no-client-mode", default=None, help="Accept no incoming connections (firewalled).")
+@click.option("--auto-relay/--no-auto-relay", default=None, help="Be reachable through relays (behind NAT).")
+@click.option("--target-batch-size", type=int, help="Samples the swarm gathers per optimizer step.")
+@click.option("--matchmaking-time", type=float, help="Seconds to gather an averaging group.")
+@click.option("--averaging-timeout", type=float, help="Seconds before an averaging round is given up.")
+@click.option("--load-state-timeout", type=float, help="Deadline for downloading the swarm's state.")
+@click.option("--compression", type=click.Choice(["none", "fp16", "8bit"]), help="Gradient compression.")
+@click.option("--local-updates/--no-local-updates", default=None, help="Step locally, average parameters only.")
+@click.option("--overlap/--no-overlap", default=None, help="Average in the background while computing.")
+@click.option("--average-state-every", type=int, help="Swarm steps between state-averaging rounds. [default: 1]")
+@click.option(
+    "--local-strategy", type=click.Choice(["single", "ddp", "fsdp"]), help="Several devices as one peer: ddp."
+)
+@click.option("--devices", type=int, help="Devices (processes) of this host in the peer. [default: 1]")
+@fsdp_options
+@training_options
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port (0: any). [default: off]")
+@click.option("--metrics-addr", help="Interface of the metrics endpoint. [default: 127.0.0.1]")
+@click.option("-v", "--verbose", is_flag=True, help="Show hivemind's and Lightning's own logs.")
+def join(
+    config_file: str | None, coordinator: str | None, coordinator_timeout: float, verbose: bool, **options: Any
+) -> None:
+    """Train together with a swarm (or start one).
+
+    \b
+    Example, through a coordinator: vitpeer join --coordinator http://203.0.113.5:8470
+    Example, first host:            vitpeer join --host-port 31337
+    Example, other hosts:           vitpeer join --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmXyz...
+    """
+    setup_logging(verbose)
+    with reported():
+        config = join_config(config_file, coordinator, options, wait=coordinator_timeout)
+        preflight.check_run(config, swarm=True)  # before anything is written or started
+        from vitpeer.peer.commands.join import run_join
+
+        run_join(config)
+
+
+@click.command()
+@click.option("--config", "config_file", metavar="FILE", help=f"Experiment YAML. [default: {DEFAULT_CONFIG}]")
+@click.option("--strategy", type=click.Choice(["single", "ddp", "fsdp"]), help="How ranks share the work.")
+@click.option("--devices", type=int, help="Processes (devices) per node.")
+@click.option("--num-nodes", type=int, help="Nodes, each started with this command.")
+@fsdp_options
+@training_options
+@click.option("--early-stopping-patience", type=int, help="Stop after this many validations without a better loss.")
+@click.option("--load-best-at-end/--last-at-end", default=None, help="Test and export the best or the last weights.")
+@click.option("-v", "--verbose", is_flag=True, help="Show Lightning's own logs.")
+def train(config_file: str | None, verbose: bool, **options: Any) -> None:
+    """Train without a swarm: one device, or DDP / FSDP over the devices of one or more nodes.
+
+    \b
+    Example, 2 GPUs with FSDP:  vitpeer train --config cifar10_vit_b32_fsdp --devices 2
+    Example, 2 nodes with DDP, on node i (0, 1):
+      MASTER_ADDR=node0 MASTER_PORT=29500 NODE_RANK=i vitpeer train --config cifar10_vit_b32_ddp --num-nodes 2
+    Example, torchrun:
+      torchrun --nproc-per-node 8 -m vitpeer.peer.cli train --config imagenet_vit_l16_fsdp --devices 8
+    """
+    setup_logging(verbose)
+    config = build_config(config_file, options, TRAIN_OPTIONS)
+    with reported():
+        preflight.check_run(config, swarm=False)  # before anything is written or started
+        from vitpeer.peer.commands.train import run_train
+
+        run_train(config)
+
+
+@click.command()
+@click.option("--peers", type=click.IntRange(1, 16), default=2, show_default=True, help="Peers in the local swarm.")
+@click.option("--config", "config_file", default=DEFAULT_CONFIG, show_default=True, help="Experiment YAML.")
+@click.option("--max-steps", type=int, help="Swarm steps to train (default: the config's).")
+@click.option(
+    "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/demo"), show_default=True
+)
+def demo(peers: int, config_file: str, max_steps: int | None, output_dir: Path) -> None:
+    """A local swarm on 127.0.0.1: N peers train the embedded digits set together, then report test accuracy.
+
+    \b
+    Example: vitpeer demo --peers 2
+    """
+    setup_logging(verbose=False)
+    build_config(config_file, {}, {})  # fail fast on a bad file, before any process starts
+    from vitpeer.peer.commands.demo import run_demo
+
+    accuracy = run_demo(peers, config_file, output_dir, max_steps)
+    if accuracy is None:
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", "config_file", metavar="FILE", help="The run's YAML. [default: config.yaml beside it]")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True, help="Held-out split.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def evaluate(checkpoint: Path, config_file: str | None, split: str, as_json: bool) -> None:
+    """Test loss, accuracy and a per-class report of a checkpoint (.ckpt or .safetensors) on a held-out split.
+
+    \b
+    Example: vitpeer evaluate outputs/digits_tiny/checkpoints/last.ckpt
+    """
+    setup_logging(verbose=False)
+    from vitpeer.peer.commands.evaluate import run_config_beside, run_evaluate
+
+    with reported():
+        preflight.check_checkpoint(checkpoint, "CHECKPOINT")
+        config = build_config(config_file or str(run_config_beside(checkpoint)), {}, {})
+        results = run_evaluate(checkpoint, config, split)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    click.echo(f"{checkpoint} on the {split} split ({results['samples']} images):")
+    click.echo(f"loss {results['loss']:.4f}   accuracy {results['accuracy']:.4f}\n")
+    click.echo(results["report"])
+
+
+@click.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def plot(run_dir: Path) -> None:
+    """Draw a run's loss, accuracy and learning-rate curves into RUN_DIR/plots/.
+
+    RUN_DIR is a run's output directory (the config's trainer.output_dir), which holds history/history.json. It
+    works while the run goes on, too: the history is rewritten at every validation.
+
+    \b
+    Example: vitpeer plot outputs/digits_tiny
+    """
+    from vitpeer.peer.core.history import HISTORY_DIR, plot_history
+
+    try:
+        written = plot_history(run_dir)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    if not written:
+        raise click.ClickException(f"{run_dir / HISTORY_DIR / 'history.json'} has no metrics to plot yet")
+    for path in written:
+        click.echo(str(path))
+
+
+profile = flops.command
+doctor = doctor.command
