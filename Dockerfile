@@ -13,6 +13,20 @@
 # instead of silently downloading one. (constraints.txt in the repository pins the versions CI tests with; it is not
 # used here.) Pick another CUDA build with --build-arg BASE_IMAGE=pytorch/pytorch:<version>-cuda<X.Y>-cudnn9-runtime.
 ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+
+# Stage 1: the wheel, exactly what `pip install vitpeer` would install (vitpeer.peer, .coordinator, .monitor and the
+# configs and monitoring files as package data), built from the sources only; its dependencies are not resolved here.
+FROM ${BASE_IMAGE} AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY configs ./configs
+COPY peer ./peer
+COPY coordinator ./coordinator
+COPY monitor ./monitor
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# Stage 2: the image volunteers run. No source tree in it: vitpeer lives in site-packages, and `--config NAME` finds
+# the configs there (vitpeer.configs).
 FROM ${BASE_IMAGE}
 
 # Everything a run writes (checkpoints, identity keys, data sets, Hugging Face and torch caches) goes under /data:
@@ -29,20 +43,13 @@ RUN groupadd --system --gid 10001 vitpeer \
     && mkdir -p /data \
     && chown vitpeer:vitpeer /data
 
-WORKDIR /opt/vitpeer
-COPY pyproject.toml README.md ./
-COPY configs ./configs
-COPY peer ./peer
-COPY coordinator ./coordinator
-COPY monitor ./monitor
-
-# Editable install: `--config NAME` looks for configs/NAME.yaml next to the source packages, and a regular install
-# (`pip install .`) does not ship configs/ into site-packages.
-RUN python -c "import importlib.metadata as m; print('\n'.join(f'{d}=={m.version(d)}' for d in ('torch', 'torchvision')))" \
+# The wheel is bind-mounted from stage 1 (BuildKit), so it leaves no layer behind; pip compiles the installed modules,
+# as root, so the non-root user never needs to write bytecode.
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    python -c "import importlib.metadata as m; print('\n'.join(f'{d}=={m.version(d)}' for d in ('torch', 'torchvision')))" \
         > /tmp/preinstalled.txt \
-    && pip install --no-cache-dir --constraint /tmp/preinstalled.txt --editable . \
-    && rm /tmp/preinstalled.txt \
-    && python -m compileall -q peer coordinator monitor
+    && pip install --no-cache-dir --constraint /tmp/preinstalled.txt /wheels/vitpeer-*.whl \
+    && rm /tmp/preinstalled.txt
 
 # numeric, so that Kubernetes' runAsNonRoot and hosts without this passwd entry can check it
 USER 10001:10001

@@ -5,6 +5,9 @@ STAMP := $(VENV)/.installed
 # Debian's prometheus package (prometheus + promtool) unpacked here, not installed: the monitor tests run them
 PROM := .tools/prometheus/usr/bin
 
+# ruff, then the layer contracts in pyproject.toml ([tool.importlinter]; no cache folder left behind)
+LINT = $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports --no-cache
+
 .PHONY: demo test bench lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
@@ -21,15 +24,17 @@ $(PROM)/promtool:
 demo: $(STAMP)
 	$(VENV)/bin/vitpeer demo
 
+# lint, then the installed wheel (.ci/wheel-check: a new venv outside the checkout, 100-150 s), then the suite
 test: $(STAMP) $(PROM)/promtool
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(LINT)
+	PYTHON=$(PYTHON) .ci/wheel-check
 	$(VENV)/bin/python -m pytest -m "not gpu" --durations=30
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.run
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(LINT)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .

@@ -1,10 +1,11 @@
 """Swarm utilisation: 2 peers on loopback, share of each peer's wall time spent computing (forward and backward).
 
-Each peer is the real ``vitpeer join`` (``python -m benchmarks.utilisation join ...``) with one callback added,
-``ComputeClock``: compute is the time from a local step's start to the end of its backward pass (Lightning calls
-``on_before_optimizer_step`` right after it, inside the closure hivemind runs); everything else in the peer's wall
-time (matchmaking, averaging, the optimizer step, progress reports) is waiting on the swarm. The first
-``WARMUP`` local steps (start-up, the first state download) are left out.
+Each peer is the real ``vitpeer join`` (``python -m benchmarks.utilisation join ...``) with one callback added
+through ``run_join``'s ``extra_callbacks`` (``vitpeer.peer.commands.extend``), ``ComputeClock``: compute is the time
+from a local step's start to the end of its backward pass (Lightning calls ``on_before_optimizer_step`` right after
+it, inside the closure hivemind runs); everything else in the peer's wall time (matchmaking, averaging, the optimizer
+step, progress reports) is waiting on the swarm. The first ``WARMUP`` local steps (start-up, the first state
+download) are left out.
 """
 
 from __future__ import annotations
@@ -76,10 +77,9 @@ def run(max_steps: int = 60, config: str = "digits_tiny") -> dict[str, Any]:
     }
 
 
-if __name__ == "__main__":  # one timed peer: the production command with ComputeClock among its callbacks
-    from vitpeer.peer.cli import main
-    from vitpeer.peer.commands import join
+if __name__ == "__main__":  # one timed peer, as run_demo starts it: the production command, ComputeClock added
+    from vitpeer.peer.commands.extend import join_with_callbacks
 
-    plain = join.run_callbacks
-    join.run_callbacks = lambda config: [*plain(config), ComputeClock(config.trainer.output_dir)]
-    sys.exit(main(sys.argv[1:]))
+    if sys.argv[1:2] != ["join"]:
+        sys.exit("usage: python -m benchmarks.utilisation join [vitpeer join options]")
+    join_with_callbacks(sys.argv[2:], lambda config: [ComputeClock(config.trainer.output_dir)])

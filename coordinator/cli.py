@@ -2,49 +2,58 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
+from vitpeer.coordinator.config import CoordinatorConfig, check_coordinator
 from vitpeer.peer.core.config import validated
-from vitpeer.peer.core.options import DEFAULT_CONFIG, build_config, reported, setup_logging
+from vitpeer.peer.core.options import (
+    Flag,
+    build_config,
+    config_file_option,
+    config_options,
+    overrides,
+    reported,
+    setup_logging,
+)
+
+RUN_FLAGS = (Flag("swarm.run_id", show_default=False),)
+"""What the coordinator changes in the run's config file; its default is the file's."""
+COORDINATOR_FLAGS = (
+    Flag("state_dir"),
+    Flag("host_port"),
+    Flag("host_maddrs", "host-maddr", metavar="MADDR"),
+    Flag("announce_ip"),
+    Flag("http_host"),
+    Flag("http_port"),
+    Flag("checkpoint_every_steps"),
+    Flag("checkpoint_every_minutes"),
+    Flag("keep_last"),
+    Flag("download_timeout"),
+    Flag("eval_batches"),
+)
+"""The coordinator's own settings (``CoordinatorConfig``), set on the command line only."""
 
 
 @click.command()
-@click.option("--config", "config_file", metavar="FILE", help=f"The run's experiment YAML. [default: {DEFAULT_CONFIG}]")
-@click.option("--run-id", help="hivemind run id (default: the config's).")
-@click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Identity key, checkpoints, best export, metrics history. [default: coordinator-state]",
-)
-@click.option("--host-port", type=int, help="Fixed DHT port, open to the internet. [default: 31337]")
-@click.option("--host-maddr", "host_maddrs", multiple=True, metavar="MADDR", help="Listen multiaddr instead.")
-@click.option("--announce-ip", help="Public IP to announce (behind NAT with --host-port forwarded).")
-@click.option("--http-host", help="Interface of the HTTP API; 0.0.0.0 to let volunteers reach it. [default: 127.0.0.1]")
-@click.option("--http-port", type=int, help="Port of the HTTP API (0: any). [default: 8470]")
-@click.option("--checkpoint-every-steps", type=int, help="Checkpoint every N swarm steps. [default: 50]")
-@click.option("--checkpoint-every-minutes", type=float, help="... and every T minutes. [default: 30]")
-@click.option("--keep-last", type=int, help="Newest checkpoints to keep, besides the best. [default: 3]")
-@click.option("--download-timeout", type=float, help="Deadline of one state download, s. [default: 120]")
-@click.option("--eval-batches", type=int, help="Validation batches per checkpoint. [default: all]")
+@config_file_option
+@config_options(RUN_FLAGS)
+@config_options(COORDINATOR_FLAGS, CoordinatorConfig)
 @click.option("-v", "--verbose", is_flag=True, help="Show hivemind's own logs.")
-def coordinator(config_file: str | None, run_id: str | None, verbose: bool, **options: Any) -> None:
+def coordinator(config_file: str | None, verbose: bool, **options: Any) -> None:
     """Seed a swarm, watch it, checkpoint it, and keep its state when every volunteer has left.
 
     \b
     Example: vitpeer coordinator --config cifar10_vit_b32_hivemind --state-dir /srv/vitpeer --host-port 31337
     Volunteers then run: vitpeer join --coordinator http://THIS_HOST:8470
     """
-    setup_logging(verbose)
-    config = build_config(config_file, {"run_id": run_id}, {"run_id": "swarm.run_id"})
-    from vitpeer.coordinator.config import CoordinatorConfig, check_coordinator
-
-    given = {key: value for key, value in options.items() if value is not None and value != ()}
+    config = build_config(config_file, options, RUN_FLAGS)
     with reported():
-        coord = validated(CoordinatorConfig, given, "command line")
-        check_coordinator(config, coord)
-        from vitpeer.coordinator.run import run_coordinator
+        coord = validated(CoordinatorConfig, overrides(options, COORDINATOR_FLAGS), "command line")
+        check_coordinator(config, coord)  # before anything is written, started or imported
+    setup_logging(verbose)
+    from vitpeer.coordinator.run import run_coordinator
 
+    with reported():
         run_coordinator(config, coord)

@@ -18,7 +18,7 @@ class CoordinatorConfig(Section):
     host_port: int = Field(default=31337, ge=0, le=65535)
     """Fixed TCP port of the DHT node (its address survives restarts). Open it to the internet."""
     host_maddrs: list[str] | None = None
-    """Listen multiaddrs instead of all IPv4 interfaces at ``host_port`` (tests use loopback)."""
+    """Listen multiaddrs instead of all IPv4 interfaces at ``host_port`` (the tests listen on loopback)."""
     announce_ip: str | None = None
     """Public IP to announce when this host is behind NAT with ``host_port`` forwarded."""
     http_host: str = "127.0.0.1"
@@ -35,7 +35,7 @@ class CoordinatorConfig(Section):
     download_timeout: float = Field(default=120.0, gt=0)
     """Seconds a state download may take before it is given up (and retried at the next interval)."""
     eval_batches: int | None = Field(default=None, gt=0)
-    """Evaluate each checkpoint on this many validation batches; None: the whole validation split."""
+    """Evaluate each checkpoint on this many validation batches; unset (None): the whole validation split."""
     poll_interval: float = Field(default=2.0, gt=0)
     """Seconds between reads of the peers' metrics records."""
 

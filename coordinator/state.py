@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from vitpeer.peer.core.config import RunConfig
 from vitpeer.peer.core.data import num_classes
+from vitpeer.peer.core.hivemind_adapters import catch_up_scheduler
 from vitpeer.peer.core.model import ImageClassifier, build_model
 from vitpeer.peer.core.strategy import COMPRESSION, factory_form
 
@@ -53,7 +54,7 @@ class SwarmState:
             params=params,
             optimizer=optimizer,
             scheduler=scheduler,
-            state_compression=COMPRESSION[config.swarm.compression](),
+            state_compression=COMPRESSION[config.swarm.wire_compression](),
             allow_state_sharing=False,  # nothing worth serving until a download or a checkpoint
             start=True,
         )
@@ -95,7 +96,7 @@ class SwarmState:
             self.averager.optimizer.load_state_dict(state["optimizer"])
         self.averager.local_epoch = int(state["swarm_epoch"])
         with _scheduler_catch_up():
-            self.averager._update_scheduler()  # hivemind's own catch-up: scheduler steps == local epoch
+            catch_up_scheduler(self.averager)  # hivemind's own catch-up: scheduler steps == local epoch
         self.share()
 
     def shutdown(self) -> None:

@@ -11,7 +11,7 @@ Series, besides the host's (``vitpeer.monitor.host``) and prometheus_client's st
     vitpeer_swarm_peers                        swarm size this peer sees
     vitpeer_swarm_samples_accumulated          samples the swarm gathered toward the next step
     vitpeer_target_batch_size                  samples per swarm step
-    vitpeer_averaging_rounds_total{outcome}    averaged | failed | alone (see ``core.strategy.SwarmEvents``)
+    vitpeer_averaging_rounds_total{outcome}    averaged | failed | alone (see ``core.events.SwarmEvents``)
     vitpeer_averaging_round_duration_seconds   histogram: gradients handed over -> round finished
     vitpeer_state_downloads_total{outcome}     loaded | current | failed
     vitpeer_batches_skipped_total{reason}      nonfinite: local batches whose NaN/Inf gradients were not sent
@@ -30,8 +30,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from vitpeer.monitor.host import HostCollector, Nvml
+from vitpeer.peer.core.events import SwarmEvents
+from vitpeer.peer.core.hivemind_adapters import SwarmOptimizer
 from vitpeer.peer.core.records import vitpeer_version
-from vitpeer.peer.core.strategy import SwarmEvents, SwarmOptimizer
 
 if TYPE_CHECKING:
     from vitpeer.peer.core.reporter import SwarmReporter

@@ -1,11 +1,12 @@
-"""``python -m hostile [vitpeer arguments]``: the real ``vitpeer`` command with test faults switched on by environment.
+"""``python -m hostile join [options]``: the real ``vitpeer join`` with test faults switched on by environment.
 
-- ``HOSTILE_NAN_EVERY=N``: every N-th training batch's loss becomes NaN (so its gradients do), as a diverging or
-  broken peer's would. The strategy's poison guard must keep those gradients out of the swarm.
+- ``HOSTILE_NAN_EVERY=N``: every N-th training batch's images become NaN, so its loss and its gradients do, as a
+  diverging or broken peer's would. The strategy's poison guard must keep those gradients out of the swarm. Added
+  as a callback through ``run_join``'s public hook (``vitpeer.peer.commands.extend``).
 - ``HOSTILE_SAY_ROUNDS=1``: print ``averaging round begins`` (flushed) when this peer hands its gradients to a
   round, so a test can SIGKILL it in the middle of averaging.
 
-Everything else is the production code path: ``vitpeer.peer.cli.main``.
+Everything else is the production code path: ``vitpeer join``'s own parsing and ``run_join``.
 """
 
 from __future__ import annotations
@@ -13,41 +14,47 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
+import pytorch_lightning as pl
 
-from vitpeer.peer.cli import main
-from vitpeer.peer.core import model as module
-from vitpeer.peer.core import strategy
+from vitpeer.peer.commands.extend import join_with_callbacks
+from vitpeer.peer.core import hivemind_adapters
+from vitpeer.peer.core.config import RunConfig
 
 ROUND_MARK = "averaging round begins"
 
 
-def poison_every(every: int) -> None:
-    training_step = module.ImageClassifier.training_step
-    seen = {"batches": 0}
+class NaNImagesEvery(pl.Callback):
+    """Every ``every``-th training batch's images become NaN (in place, before ``training_step`` sees them)."""
 
-    def poisoned(self, batch, batch_idx):
-        loss = training_step(self, batch, batch_idx)
-        seen["batches"] += 1
-        return loss * torch.tensor(float("nan")) if seen["batches"] % every == 0 else loss
+    def __init__(self, every: int):
+        self.every, self.batches = every, 0
 
-    module.ImageClassifier.training_step = poisoned
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        self.batches += 1
+        if self.batches % self.every == 0:
+            batch[0].fill_(float("nan"))
 
 
 def say_rounds() -> None:
-    average = strategy.SwarmOptimizer._average_gradients_and_load_into_optimizer
+    average = hivemind_adapters.SwarmOptimizer._average_gradients_and_load_into_optimizer
 
     def announced(self, maybe_step_control):
         if maybe_step_control is not None:
             print(ROUND_MARK, flush=True)
         return average(self, maybe_step_control)
 
-    strategy.SwarmOptimizer._average_gradients_and_load_into_optimizer = announced
+    hivemind_adapters.SwarmOptimizer._average_gradients_and_load_into_optimizer = announced
+
+
+def faults(config: RunConfig) -> list[pl.Callback]:
+    """The callbacks the environment asks for."""
+    every = os.environ.get("HOSTILE_NAN_EVERY")
+    return [NaNImagesEvery(int(every))] if every else []
 
 
 if __name__ == "__main__":
-    if os.environ.get("HOSTILE_NAN_EVERY"):
-        poison_every(int(os.environ["HOSTILE_NAN_EVERY"]))
+    if sys.argv[1:2] != ["join"]:
+        sys.exit("usage: python -m hostile join [vitpeer join options]")
     if os.environ.get("HOSTILE_SAY_ROUNDS"):
         say_rounds()
-    sys.exit(main(sys.argv[1:]))
+    join_with_callbacks(sys.argv[2:], faults)

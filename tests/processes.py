@@ -1,8 +1,9 @@
 """Starting real vitpeer processes in tests: coordinators and peers on 127.0.0.1, their logs, their addresses.
 
 Shared by the multi-process tests (``tests/coordinator``, ``tests/monitor``); importable because pytest puts
-``tests/`` (the root conftest's directory) on ``sys.path``. Callers stop what they start with ``commands.demo.stop_all``
-in a ``finally`` block; the session fixture in ``conftest.py`` reaps anything left.
+``tests/`` (the root conftest's directory) on ``sys.path``. Callers stop what they start with the library's
+``vitpeer.peer.core.processes.stop_all`` in a ``finally`` block; the session fixture in ``conftest.py`` reaps anything
+left.
 """
 
 from __future__ import annotations

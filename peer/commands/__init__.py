@@ -1,1 +1,11 @@
-"""The peer's commands: ``vitpeer join``, ``train``, ``demo``, ``doctor``, ``evaluate``, ``profile``, ``plot``."""
+"""The peer's commands: ``vitpeer join``, ``train``, ``demo``, ``doctor``, ``evaluate``, ``profile``, ``plot``.
+
+- ``cli``: the click definitions (``doctor`` and ``profile`` define theirs beside what they run);
+- ``join``: one peer's run in the swarm (``run_join``); ``train``: the same without a swarm (``run_train``);
+- ``fit``: what ``join`` and ``train`` share: the Trainer's arguments, the callbacks every run records with, the
+  run's numbers and ``all_results.json``;
+- ``extend``: the real ``vitpeer join`` command line with callbacks of one's own (``run_join``'s ``extra_callbacks``),
+  for benchmarks and test faults;
+- ``demo``: a local swarm of ``join`` processes; ``doctor``: host checks; ``evaluate``: a checkpoint on a held-out
+  split; ``flops``: ``vitpeer profile``.
+"""

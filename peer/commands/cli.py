@@ -6,72 +6,45 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from vitpeer.peer.commands import doctor, flops
 from vitpeer.peer.core import preflight
+from vitpeer.peer.core.config import RunConfig
 from vitpeer.peer.core.options import (
     DEFAULT_CONFIG,
-    TRAIN_OPTIONS,
+    FLAGS_OVER_FILE,
+    JOIN_FLAGS,
+    TRAIN_FLAGS,
     build_config,
+    config_file_option,
+    config_options,
     coordinator_timeout_option,
-    fsdp_options,
     join_config,
+    quiet_warnings,
     reported,
     setup_logging,
-    training_options,
 )
 
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
-@click.command()
-@click.option(
-    "--config",
-    "config_file",
-    metavar="FILE",
-    help=f"Experiment YAML (a path or a name in configs/). [default: {DEFAULT_CONFIG}]",
-)
-@click.option(
-    "--initial-peers",
-    multiple=True,
-    metavar="MADDR",
-    envvar="VITPEER_INITIAL_PEERS",
-    help="A peer already in the swarm (repeat, or separate with commas/spaces). None: start a new swarm. "
-    "[env: VITPEER_INITIAL_PEERS]",
-)
+
+@click.command(epilog=FLAGS_OVER_FILE)
+@config_file_option
 @click.option(
     "--coordinator",
     metavar="URL",
     envvar="VITPEER_COORDINATOR",
-    help="A coordinator's HTTP address (http://HOST:PORT): initial peers, and the run's config unless --config. "
-    "[env: VITPEER_COORDINATOR]",
+    show_envvar=True,
+    help="A coordinator's HTTP address (http://HOST:PORT): initial peers, and the run's config unless --config.",
 )
 @coordinator_timeout_option
-@click.option("--run-id", help="hivemind run id, used exactly as given; all peers of a run share it.")
-@click.option("--host-port", type=int, help="TCP port to listen on (0: any free port). Open it to the internet.")
-@click.option("--host-maddr", multiple=True, metavar="MADDR", help="Listen multiaddr instead of all interfaces.")
-@click.option("--announce-ip", help="Public IP others should dial (behind NAT with a forwarded --host-port).")
-@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="Key file: a stable peer id.")
-@click.option("--client-mode/--no-client-mode", default=None, help="Accept no incoming connections (firewalled).")
-@click.option("--auto-relay/--no-auto-relay", default=None, help="Be reachable through relays (behind NAT).")
-@click.option("--target-batch-size", type=int, help="Samples the swarm gathers per optimizer step.")
-@click.option("--matchmaking-time", type=float, help="Seconds to gather an averaging group.")
-@click.option("--averaging-timeout", type=float, help="Seconds before an averaging round is given up.")
-@click.option("--load-state-timeout", type=float, help="Deadline for downloading the swarm's state.")
-@click.option("--compression", type=click.Choice(["none", "fp16", "8bit"]), help="Gradient compression.")
-@click.option("--local-updates/--no-local-updates", default=None, help="Step locally, average parameters only.")
-@click.option("--overlap/--no-overlap", default=None, help="Average in the background while computing.")
-@click.option("--average-state-every", type=int, help="Swarm steps between state-averaging rounds. [default: 1]")
-@click.option(
-    "--local-strategy", type=click.Choice(["single", "ddp", "fsdp"]), help="Several devices as one peer: ddp."
-)
-@click.option("--devices", type=int, help="Devices (processes) of this host in the peer. [default: 1]")
-@fsdp_options
-@training_options
-@click.option("--metrics-port", type=int, help="Serve Prometheus metrics on this port (0: any). [default: off]")
-@click.option("--metrics-addr", help="Interface of the metrics endpoint. [default: 127.0.0.1]")
+@config_options(JOIN_FLAGS)
 @click.option("-v", "--verbose", is_flag=True, help="Show hivemind's and Lightning's own logs.")
 def join(
     config_file: str | None, coordinator: str | None, coordinator_timeout: float, verbose: bool, **options: Any
@@ -83,24 +56,33 @@ def join(
     Example, first host:            vitpeer join --host-port 31337
     Example, other hosts:           vitpeer join --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmXyz...
     """
-    setup_logging(verbose)
+    join_steps(config_file, coordinator, coordinator_timeout, verbose, options)
+
+
+def join_steps(
+    config_file: str | None,
+    coordinator: str | None,
+    coordinator_timeout: float,
+    verbose: bool,
+    options: dict[str, Any],
+    callbacks: Callable[[RunConfig], Sequence[pl.Callback]] | None = None,
+) -> None:
+    """What ``vitpeer join`` does with its parsed flags; ``callbacks(config)`` (``commands.extend``) adds Lightning
+    callbacks to the run through ``run_join``'s public hook."""
+    quiet_warnings(verbose)
     with reported():
         config = join_config(config_file, coordinator, options, wait=coordinator_timeout)
-        preflight.check_run(config, swarm=True)  # before anything is written or started
-        from vitpeer.peer.commands.join import run_join
+        preflight.check_run(config, swarm=True)  # before anything is written, started or imported
+    setup_logging(verbose)
+    from vitpeer.peer.commands.join import run_join
 
-        run_join(config)
+    with reported():
+        run_join(config, extra_callbacks=callbacks(config) if callbacks is not None else ())
 
 
-@click.command()
-@click.option("--config", "config_file", metavar="FILE", help=f"Experiment YAML. [default: {DEFAULT_CONFIG}]")
-@click.option("--strategy", type=click.Choice(["single", "ddp", "fsdp"]), help="How ranks share the work.")
-@click.option("--devices", type=int, help="Processes (devices) per node.")
-@click.option("--num-nodes", type=int, help="Nodes, each started with this command.")
-@fsdp_options
-@training_options
-@click.option("--early-stopping-patience", type=int, help="Stop after this many validations without a better loss.")
-@click.option("--load-best-at-end/--last-at-end", default=None, help="Test and export the best or the last weights.")
+@click.command(epilog=FLAGS_OVER_FILE)
+@config_file_option
+@config_options(TRAIN_FLAGS)
 @click.option("-v", "--verbose", is_flag=True, help="Show Lightning's own logs.")
 def train(config_file: str | None, verbose: bool, **options: Any) -> None:
     """Train without a swarm: one device, or DDP / FSDP over the devices of one or more nodes.
@@ -112,12 +94,13 @@ def train(config_file: str | None, verbose: bool, **options: Any) -> None:
     Example, torchrun:
       torchrun --nproc-per-node 8 -m vitpeer.peer.cli train --config imagenet_vit_l16_fsdp --devices 8
     """
-    setup_logging(verbose)
-    config = build_config(config_file, options, TRAIN_OPTIONS)
+    config = build_config(config_file, options, TRAIN_FLAGS)
     with reported():
-        preflight.check_run(config, swarm=False)  # before anything is written or started
-        from vitpeer.peer.commands.train import run_train
+        preflight.check_run(config, swarm=False)  # before anything is written, started or imported
+    setup_logging(verbose)
+    from vitpeer.peer.commands.train import run_train
 
+    with reported():
         run_train(config)
 
 
@@ -134,8 +117,8 @@ def demo(peers: int, config_file: str, max_steps: int | None, output_dir: Path) 
     \b
     Example: vitpeer demo --peers 2
     """
+    build_config(config_file, {}, ())  # fail fast on a bad file, before any process starts
     setup_logging(verbose=False)
-    build_config(config_file, {}, {})  # fail fast on a bad file, before any process starts
     from vitpeer.peer.commands.demo import run_demo
 
     accuracy = run_demo(peers, config_file, output_dir, max_steps)
@@ -154,12 +137,13 @@ def evaluate(checkpoint: Path, config_file: str | None, split: str, as_json: boo
     \b
     Example: vitpeer evaluate outputs/digits_tiny/checkpoints/last.ckpt
     """
+    with reported():
+        preflight.check_checkpoint(checkpoint, "CHECKPOINT")  # before torch and Lightning are imported
     setup_logging(verbose=False)
     from vitpeer.peer.commands.evaluate import run_config_beside, run_evaluate
 
     with reported():
-        preflight.check_checkpoint(checkpoint, "CHECKPOINT")
-        config = build_config(config_file or str(run_config_beside(checkpoint)), {}, {})
+        config = build_config(config_file or str(run_config_beside(checkpoint)), {}, ())
         results = run_evaluate(checkpoint, config, split)
     if as_json:
         click.echo(json.dumps(results, indent=2))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import hivemind
 
+from vitpeer.peer.core.processes import stop_all
+
 OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d vitpeer ")  # the format core.options.setup_logging gives our own records
 
 
@@ -39,20 +41,6 @@ def _relay(index: int, stream, log_file: Path) -> None:
             sink.flush()
             if OUR_LINE.match(line):
                 print(f"[peer {index}] {line.split(' vitpeer ', 1)[1]}", end="", flush=True)
-
-
-def stop_all(processes: list[subprocess.Popen], grace: float = 10.0) -> None:
-    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL: nothing outlives the demo."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    deadline = time.monotonic() + grace
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def run_demo(

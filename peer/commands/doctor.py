@@ -13,38 +13,39 @@ adopts orphans (Linux "child subreaper") and stops any ``p2pd`` still running at
 
 from __future__ import annotations
 
-import ctypes
 import json
-import logging
-import os
 import platform
-import re
-import signal
 import socket
 import sys
-import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import click
+
+from vitpeer.peer.core.config import peer_multiaddr_problem, split_peer_list
+from vitpeer.peer.core.options import setup_logging
+from vitpeer.peer.core.processes import (
+    adopting_orphans,
+    children_die_with_us,
+    descendants,
+    in_background,
+    kill_and_reap,
+)
 
 Status = Literal["ok", "warn", "FAIL"]
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 """Where the doctor's own DHT nodes listen: this host only, any free port (it needs no incoming connections)."""
 HIVEMIND_TESTED = "1.1.12"
-COORDINATOR_WAIT = 3.0
+COORDINATOR_RETRY = 3.0
 """Seconds to keep retrying a coordinator that refuses connections (it may be restarting); at most ``--timeout``."""
 PEER_FORM = "/ip4/HOST/tcp/PORT/p2p/PEER_ID"
 PING_WAIT = 4.0
 """Seconds the pings after connecting may take at least: hivemind gives up on one after 3 s (its ``wait_timeout``)."""
-PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -218,39 +219,12 @@ def _free_port_near(port: int, host: str, tries: int = 20) -> int | None:
 # --- the swarm: initial peers and the coordinator ------------------------------------------------------------------
 
 
-def split_peers(values: Sequence[str]) -> list[str]:
-    """Multiaddrs given repeatedly or separated by commas or spaces (as ``vitpeer join`` accepts them)."""
-    return [part for value in values for part in value.replace(",", " ").split()]
-
-
-def multiaddr_problem(addr: str) -> str | None:
-    """Why ``addr`` is not a peer's full multiaddr, or None when it is one."""
-    from hivemind.p2p import PeerID
-    from hivemind.utils.multiaddr import Multiaddr
-
-    if not addr.startswith("/"):
-        return "a multiaddr starts with /"
-    try:
-        parsed = Multiaddr(addr)
-    except Exception as err:  # the parser's errors repeat the address: keep only the reason
-        return re.sub(r"^Invalid MultiAddr '.*?'\s*:?\s*", "", str(err)) or type(err).__name__
-    if "p2p" not in parsed:
-        return "it has no /p2p/PEER_ID part"
-    if "tcp" not in parsed and "udp" not in parsed:
-        return "it has no /tcp/PORT part"
-    try:
-        PeerID.from_base58(parsed["p2p"])
-    except Exception:
-        return f"{parsed['p2p']!r} is not a peer id"
-    return None
-
-
 def check_initial_peers(initial_peers: Sequence[str], timeout: float) -> list[Check]:
     """Validate each multiaddr, then connect a client-mode DHT node to the valid ones within ``timeout`` seconds
     and ping each of them: a FAIL when none answers, a warning when only some do."""
     checks, valid = [], []
     for addr in initial_peers:
-        problem = multiaddr_problem(addr)
+        problem = peer_multiaddr_problem(addr)
         if problem is None:
             valid.append(addr)
             continue
@@ -301,12 +275,12 @@ async def _ping_peers(addrs: list[str], _dht: Any, node: Any) -> dict[str, float
     return dict(zip(addrs, await asyncio.gather(*(ping(addr) for addr in addrs)), strict=True))
 
 
-def check_coordinator(url: str, timeout: float) -> list[Check]:
+def check_coordinator_status(url: str, timeout: float) -> list[Check]:
     """GET ``url``/status within ``timeout`` seconds and report the run id and how many peers it lists."""
-    from vitpeer.peer.core.swarm import coordinator_get
+    from vitpeer.peer.core.http import coordinator_get
 
     started = time.monotonic()
-    fetch = in_background(coordinator_get, url, "status", min(COORDINATOR_WAIT, timeout))
+    fetch = in_background(coordinator_get, url, "status", min(COORDINATOR_RETRY, timeout))
     advice = "check the address (http://HOST:PORT, the coordinator's --http-port) and that its port is open to you"
     try:
         text = fetch(timeout)
@@ -335,8 +309,6 @@ def running_dht(timeout: float, initial_peers: Sequence[str] = ()) -> Iterator[t
     TimeoutError or hivemind's error); client mode when it has ``initial_peers`` to join. Stopped on the way out,
     on every path."""
     import hivemind
-
-    from vitpeer.peer.core.swarm import children_die_with_us
 
     children_die_with_us()  # the DHT process dies with us, even if we are killed
     dht = hivemind.DHT(
@@ -381,90 +353,6 @@ def stop_dht(dht: Any, graceful: bool) -> None:
         kill_and_reap(pid)
 
 
-def descendants(root: int) -> list[tuple[int, str]]:
-    """Every process below ``root`` as (pid, name), read from /proc (empty where there is no /proc)."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            try:
-                found.append((child, Path(f"/proc/{child}/comm").read_text().strip()))
-            except OSError:
-                continue
-            todo.append(child)
-    return found
-
-
-def kill_and_reap(pid: int) -> None:
-    """SIGKILL ``pid`` and collect its exit status when it is our child (else init or its parent does)."""
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-
-
-@contextmanager
-def adopting_orphans() -> Iterator[None]:
-    """While the checks run, orphaned descendants become this process's children instead of init's (Linux
-    ``PR_SET_CHILD_SUBREAPER``); on the way out every ``p2pd`` started meanwhile is stopped and reaped.
-
-    Why: a DHT process that dies during its start (a failed bootstrap, our terminate) leaves its ``p2pd`` behind,
-    and one still dialing an unresponsive peer outlives it. Elsewhere than Linux this only sweeps what it can see.
-    """
-    before = {pid for pid, _ in descendants(os.getpid())}
-    previous = ctypes.c_int(0)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        adopted = libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(previous)) == 0
-        adopted = adopted and libc.prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
-    except (AttributeError, OSError):  # not Linux
-        libc, adopted = None, False
-    try:
-        yield
-    finally:
-        for pid, name in descendants(os.getpid()):
-            if name == "p2pd" and pid not in before:
-                kill_and_reap(pid)
-        if adopted:
-            libc.prctl(PR_SET_CHILD_SUBREAPER, previous.value)
-
-
-def in_background(function: Callable[..., Any], *args: Any) -> Callable[[float | None], Any]:
-    """Start ``function(*args)`` in a daemon thread; the returned ``wait(timeout)`` gives its result, raises its
-    exception, or raises TimeoutError. A thread still blocked (a DNS lookup, a silent server) cannot delay our exit.
-    """
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["result"] = function(*args)
-        except BaseException as err:  # handed to the waiting thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, name=f"doctor-{function.__name__}", daemon=True)
-    thread.start()
-
-    def wait(timeout: float | None) -> Any:
-        thread.join(timeout)
-        if thread.is_alive():
-            raise TimeoutError(f"{function.__name__} did not finish within {timeout} s")
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["result"]
-
-    return wait
-
-
 def _is_timeout(err: BaseException) -> bool:
     """hivemind's futures raise concurrent.futures.TimeoutError, which is TimeoutError only from Python 3.11."""
     return isinstance(err, TimeoutError | FutureTimeout)
@@ -493,13 +381,15 @@ def run_doctor(
     )  # hivemind and vitpeer.peer.core.swarm both import
     checks = [*check_python(), *check_torch(), *hivemind_checks]
     # asked in a thread while the p2p checks run; started only now, so that no two threads import at the same time
-    coordinator_checks = in_background(check_coordinator, coordinator, timeout) if coordinator and swarm_ok else None
+    coordinator_checks = (
+        in_background(check_coordinator_status, coordinator, timeout) if coordinator and swarm_ok else None
+    )
     with adopting_orphans():
         if swarm_ok:
             checks += check_p2p_daemon(timeout)
         checks += check_port("host port", host_port, "0.0.0.0", "--host-port")
         checks += check_port("metrics port", metrics_port, "127.0.0.1", "--metrics-port")
-        peers = split_peers(initial_peers)
+        peers = split_peer_list(initial_peers)
         if peers and not swarm_ok:
             checks.append(Check("initial peers", "FAIL", "not tried: hivemind or vitpeer does not import (see above)"))
         elif peers and any(check.name == "p2p daemon" and check.status == "FAIL" for check in checks):
@@ -524,20 +414,6 @@ def report(checks: list[Check]) -> str:
     else:
         summary += ": ready to join" + (" (warnings do not stop a run)" if counts["warn"] else "")
     return "\n".join([*lines, summary])
-
-
-def quiet_libraries(verbose: bool) -> None:
-    """Keep hivemind's and torch's warnings and logs out of the report (``--verbose`` shows hivemind's on stderr)."""
-    if not verbose:
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-    try:
-        import hivemind.utils.logging  # noqa: F401  (sets its logger's level on import: set ours after)
-    except Exception:  # reported by check_hivemind
-        return
-    logging.getLogger("hivemind").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
-    logging.getLogger("asyncio").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 @click.command("doctor", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -584,7 +460,7 @@ def command(
     Example: vitpeer doctor --host-port 31337 --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/QmXyz...
     Example: vitpeer doctor --coordinator http://203.0.113.5:8470 --json
     """
-    quiet_libraries(verbose)
+    setup_logging(verbose, report=True)
     checks = run_doctor(initial_peers, coordinator, host_port, metrics_port, timeout)
     click.echo(json.dumps([asdict(check) for check in checks], indent=2) if as_json else report(checks))
     click.get_current_context().exit(1 if any(check.status == "FAIL" for check in checks) else 0)

@@ -125,7 +125,7 @@ def check_device(device: str) -> torch.device:
     return resolved
 
 
-def build_model(name: str, img_size: int | None, num_classes: int) -> torch.nn.Module:
+def random_timm_model(name: str, img_size: int | None, num_classes: int) -> torch.nn.Module:
     """timm's ``name`` with random weights (never downloads), in eval mode; ValueError for an unknown name or an
     ``img_size`` the model does not take."""
     import difflib
@@ -184,7 +184,7 @@ def profile_model(
     import timm
     import torch
 
-    model = build_model(name, img_size, num_classes)
+    model = random_timm_model(name, img_size, num_classes)
     channels, height, width = timm.data.resolve_model_data_config(model)["input_size"]
     if img_size:
         height = width = img_size

@@ -8,8 +8,11 @@ and what is allowed.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import re
+import sys
+from functools import cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
@@ -26,9 +29,10 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors, assignments are validated."""
+    """A config section: unknown keys are errors, assignments are validated. Each field's docstring is its
+    description, and so the help of its command-line flag (``core.options``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(Section):
@@ -98,14 +102,17 @@ class OptimConfig(Section):
     """Cross-entropy label smoothing."""
 
 
+def split_peer_list(values: list[str] | tuple[str, ...]) -> list[str]:
+    """Multiaddrs given repeatedly or separated by commas or spaces (as ``join`` and ``doctor`` take them), one list."""
+    return [part for value in values for part in str(value).replace(",", " ").split()]
+
+
 def peer_multiaddr_problem(addr: str) -> str | None:
     """Why ``addr`` is not a peer's full multiaddr (parsed as hivemind parses it, peer id included), or None."""
     if not addr.startswith("/") or "/p2p/" not in addr:
         return "no /p2p/PEER_ID part" if addr.startswith("/") else "a multiaddr starts with /"
-    from hivemind.utils.multiaddr import Multiaddr  # imports hivemind: only when there are addresses to check
-
     try:
-        parsed = Multiaddr(addr)  # checks every part: the IP, a numeric port, a base58 multihash peer id
+        parsed = multiaddr_class()(addr)  # checks every part: the IP, a numeric port, a base58 multihash peer id
     except Exception as err:  # the parser's errors repeat the address: keep only the reason
         return re.sub(r"^Invalid MultiAddr '.*?'\s*:?\s*", "", str(err)) or type(err).__name__
     if "tcp" not in parsed and "udp" not in parsed:
@@ -113,22 +120,49 @@ def peer_multiaddr_problem(addr: str) -> str | None:
     return None
 
 
+STANDALONE_MULTIADDR = "vitpeer_hivemind_multiaddr"
+
+
+@cache
+def multiaddr_class() -> type:
+    """hivemind's ``Multiaddr`` (its own copy of py-multiaddr, which needs only base58, cid, netaddr and varint).
+    Once hivemind is imported, that one; before, the same files loaded as a package of their own: importing
+    ``hivemind.utils.multiaddr`` runs ``hivemind/__init__``, which imports torch, and a refused address should not
+    wait for torch (README, When things go wrong, has how long refusals take)."""
+    if "hivemind" in sys.modules:
+        from hivemind.utils.multiaddr import Multiaddr
+
+        return Multiaddr
+    hivemind = importlib.util.find_spec("hivemind")
+    if hivemind is None or not hivemind.submodule_search_locations:
+        raise ModuleNotFoundError("hivemind is not installed")
+    folder = Path(hivemind.submodule_search_locations[0]) / "utils" / "multiaddr"
+    spec = importlib.util.spec_from_file_location(
+        STANDALONE_MULTIADDR, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[STANDALONE_MULTIADDR] = package  # its modules import each other relatively, through this name
+    spec.loader.exec_module(package)
+    return package.Multiaddr
+
+
 class SwarmConfig(Section):
     run_id: str = "vitpeer"
     """hivemind run id, used as given: peers with the same run id (and model) train together."""
     initial_peers: list[str] = Field(default_factory=list)
-    """Multiaddrs of peers already in the swarm (``/ip4/1.2.3.4/tcp/31337/p2p/Qm...``); empty starts a new swarm."""
+    """Multiaddrs of peers already in the swarm (``/ip4/1.2.3.4/tcp/31337/p2p/Qm...``), repeated or separated by
+    commas or spaces: the way into the swarm. A peer without any starts a new swarm."""
     host_port: int = Field(default=0, ge=0, le=65535)
     """TCP port to listen on; 0 lets the OS pick one. Open it in your firewall so others can reach you."""
     host_maddrs: list[str] | None = None
-    """Listen addresses; None listens on all IPv4 interfaces at ``host_port``."""
+    """Listen multiaddrs; unset (None), the peer listens on all IPv4 interfaces at ``host_port``."""
     announce_ip: str | None = None
     """Public IP to announce (behind NAT with a forwarded port); others dial this address."""
     announce_maddrs: list[str] = Field(default_factory=list)
     """Full announce multiaddrs, when ``announce_ip`` is not enough."""
     identity_path: Path | None = None
     """Private key file giving this peer a stable peer id (and so a stable address) across restarts; created on the
-    first start. None: ``identity.key`` in the run's output directory (``vitpeer join``)."""
+    first start. Unset (None): ``identity.key`` in the run's output directory (``vitpeer join``)."""
     client_mode: bool = False
     """Do not accept incoming connections (peer behind a firewall without a forwarded port); uses others to average."""
     use_relay: bool = True
@@ -143,39 +177,50 @@ class SwarmConfig(Section):
     """Seconds before an averaging round is given up and the peer steps with its local gradients."""
     load_state_timeout: float = Field(default=60.0, gt=0)
     """Deadline for downloading the swarm's state when joining or after falling behind; then train from local state."""
-    compression: Literal["none", "fp16", "8bit"] = "none"
-    """Gradient compression on the wire: none, or fp16 (half the bytes). ``8bit`` is refused: hivemind 1.1.12's
-    8-bit quantizers do not average correctly with torch 2.14 (``benchmarks.averaging`` checks the result)."""
+    algorithm: Literal["diloco", "gradient"] = "gradient"
+    """How the peers train together. ``diloco``: each peer trains alone with its own optimizer for a swarm step, then
+    the peers average how far they moved (the pseudo-gradient) in the background and an outer optimizer steps the
+    shared parameters; little traffic, no waiting while a round runs. ``gradient``: the peers average gradients
+    every swarm step and all take the same optimizer step (hivemind.Optimizer); traffic every swarm step."""
+    outer_lr: float = Field(default=0.7, gt=0)
+    """``diloco``: learning rate of the outer optimizer (SGD with Nesterov momentum) on the averaged pseudo-gradient.
+    1.0 with no momentum would simply average the peers' parameters."""
+    outer_momentum: float = Field(default=0.9, ge=0, lt=1)
+    """``diloco``: Nesterov momentum of the outer optimizer."""
+    sync_every: int = Field(default=16, gt=0)
+    """``diloco``: swarm steps between exact (fp32) averagings of the shared parameters and outer momentum, which
+    undo the rounding that compressed rounds leave between peers; also at steps 1, 2, 4, ... below it and at the
+    last step."""
+    compression: Literal["none", "fp16", "8bit"] | None = None
+    """What averaged tensors travel as: ``none`` (fp32), ``fp16`` (half the bytes) or ``8bit`` (a quarter: blockwise
+    absmax int8, vitpeer's own codec). Unset: fp16 for ``diloco``'s pseudo-gradients, none for ``gradient``."""
 
-    @field_validator("compression")
-    @classmethod
-    def _working_compression(cls, value: str) -> str:
-        if value == "8bit":
-            raise ValueError(
-                "8bit does not average correctly with hivemind 1.1.12 and torch 2.14 (measured: after a 2-peer round "
-                "one peer's gradients were unchanged, mean error 0.56 on unit-normal values); use fp16 or none"
-            )
-        return value
+    @property
+    def wire_compression(self) -> str:
+        """``compression``, or the algorithm's default when unset."""
+        if self.compression is not None:
+            return self.compression
+        return "fp16" if self.algorithm == "diloco" else "none"
 
     local_updates: bool = False
     """Apply local gradients every step and only average parameters each swarm step (fewer bytes, noisier)."""
     average_state_every: int = Field(default=1, gt=0)
     """Swarm steps between rounds that average parameters (hivemind's ``average_state_every``; the last swarm step
-    always has one). Each round is a full all-reduce of the model: on 2 shared cores, 5 instead of 1 cut a 2-peer
-    digits swarm step from 2.8 to 2.0 s, but in the hostile-swarm scenario (churn, a NaN peer) the swarm then learned
-    to 0.37 test accuracy instead of 0.73 (one run each), so 1 stays the default."""
+    always has one). Each round is a full all-reduce of the model: rounds further apart save that time per swarm
+    step, but let the peers' parameters drift apart in between, and a peer that joins or restarts loads state that
+    was averaged longer ago. README, Performance, has what we measured both ways."""
     overlap: bool = False
     """Average gradients and run the optimizer in the background while the next batches compute
     (hivemind's delayed parameter updates): parameters lag one swarm step, the peer waits less.
-    Experimental and off by default: in our 2-peer digits runs the swarm did not learn with it (loss stayed at
-    chance); a peer started with it warns so. README, known limits, has what we found."""
+    Experimental and off by default: with two or more peers the swarm does not learn with it yet; a peer started
+    with it warns so. README, known limits, has what we found."""
     progress_expiration: float = Field(default=20.0, gt=0)
     """Seconds a peer's progress report lives in the DHT (hivemind's default is 60). A peer that crashed still counts
     as present this long, and a peer restarted after everyone left waits this long before it trains on."""
     startup_timeout: float = Field(default=30.0, gt=0)
     """Seconds the p2p daemon may take to start, its first dial of ``initial_peers`` included: with hivemind's 3 s
-    ping after it, the longest a peer waits for initial peers that do not answer (a closed port fails at once, a port
-    that never answers after about 5 s)."""
+    ping after it, the longest a peer waits for initial peers that do not answer (README, When things go wrong, has
+    how long that takes for a closed port and for a silent one)."""
 
     @field_validator("initial_peers", mode="before")
     @classmethod
@@ -184,7 +229,7 @@ class SwarmConfig(Section):
         if isinstance(value, str):
             value = [value]
         if isinstance(value, list | tuple):
-            return [part for item in value for part in str(item).replace(",", " ").split()]
+            return split_peer_list(value)
         return value
 
     @field_validator("initial_peers")
@@ -204,6 +249,12 @@ class SwarmConfig(Section):
     def _compatible_modes(self) -> SwarmConfig:
         if self.local_updates and self.overlap:
             raise ValueError("swarm.local_updates averages no gradients, so swarm.overlap must be false with it")
+        if self.algorithm == "diloco" and (self.local_updates or self.overlap):
+            which = "local_updates" if self.local_updates else "overlap"
+            raise ValueError(
+                f"swarm.{which} is an option of the gradient algorithm; diloco always steps locally and averages in "
+                "the background: leave it false, or set swarm.algorithm = 'gradient'"
+            )
         return self
 
 
@@ -226,8 +277,8 @@ class TrainerConfig(Section):
     """``vitpeer train``: local steps whose gradients add up before one optimizer step (a larger effective batch).
     A swarm already accumulates up to ``swarm.target_batch_size``: raise that instead; ``join`` refuses this."""
     early_stopping_patience: int | None = Field(default=None, gt=0)
-    """``vitpeer train``: stop when ``val/loss`` has not improved for this many validations; None trains on to
-    ``max_steps``. A swarm step belongs to every peer, so ``join`` refuses this."""
+    """``vitpeer train``: stop when ``val/loss`` has not improved for this many validations; unset (None), train on
+    to ``max_steps``. A swarm step belongs to every peer, so ``join`` refuses this."""
     save_top_k: int = Field(default=1, ge=0)
     """Best checkpoints by ``val/loss`` kept as ``checkpoints/best-*.ckpt`` (older ones are deleted), next to
     ``last.ckpt``; 0 keeps only ``last.ckpt``."""
@@ -235,8 +286,8 @@ class TrainerConfig(Section):
     """``vitpeer train``: test and export the best checkpoint by ``val/loss`` rather than the last weights (needs
     ``save_top_k`` >= 1). A peer tests its last weights: those are the swarm's."""
     progress_bar: bool | None = None
-    """A live progress bar (swarm step, samples toward the target, peers, loss, lr, samples/s); None shows it when the
-    output is a terminal. One log line per swarm step is printed either way."""
+    """A live progress bar (swarm step, samples toward the target, peers, loss, lr, samples/s); unset (None), it is
+    shown when the output is a terminal. One log line per swarm step is printed either way."""
     output_dir: Path = Path("outputs")
     """Run directory: resolved config, metrics CSV, checkpoints and results go here."""
     resume: Path | None = None
@@ -272,7 +323,7 @@ class ParallelConfig(Section):
 class MonitorConfig(Section):
     port: int | None = Field(default=None, ge=0, le=65535)
     """Serve Prometheus metrics (GPU, training, averaging) on this port; 0 picks a free one (printed at start);
-    None serves none. Pick your own, e.g. 9470 (9100, 9400 and 9835 belong to common exporters)."""
+    unset (None), none is served. Pick your own, e.g. 9470 (9100, 9400 and 9835 belong to common exporters)."""
     addr: str = "127.0.0.1"
     """Interface of the metrics endpoint: this host only by default; 0.0.0.0 when Prometheus scrapes from elsewhere
     (a container, another host). The endpoint is read-only."""
@@ -310,16 +361,59 @@ class RunConfig(Section):
         return self.model_copy(update={"swarm": swarm, "trainer": trainer, **local})
 
 
-def resolve_config_path(name: str | Path) -> Path:
-    """A path as given, or a file of ``configs/`` named with or without ``.yaml``."""
+def resolve_config_path(name: str | Path, beside: Path | None = None) -> Path:
+    """A path as given, or a file of ``configs/`` named with or without ``.yaml``. ``beside``: the folder of the file
+    whose ``base:`` this is, looked in first instead of the working directory (a base next to its file is found
+    wherever the command runs)."""
     path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+    first = [beside / path, beside / f"{path}.yaml"] if beside is not None else [path]
+    for candidate in (*first, CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
         if candidate.is_file():
             return candidate
-    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"config file {str(name)!r} not found; shipped configs: {shipped}")
+    shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(str(name), shipped, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"config file {str(name)!r} not found; {hint}shipped configs: {', '.join(shipped)}")
+
+
+def _read_with_bases(text: str, source: str, beside: Path | None, below: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping ``text`` (read from ``source``) over its ``base:`` file, and that one's over its own: mappings
+    merge key by key at every depth, any other value (a list, a number, a string) replaces the base's. ``beside``:
+    the folder of the file; None (YAML from the network) may name no base. ``below``: the files that named this one."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source}{where}: not valid YAML ({reason})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    if "base" not in data:
+        return data
+    name = data.pop("base")
+    if beside is None:  # a config from a coordinator reads no file of this host
+        raise ConfigError(f"base = {name!r}: only a config file can name a base ({source})")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"base = {name!r}: expected the name or path of a config file ({source})")
+    try:
+        path = resolve_config_path(name, beside)
+    except ConfigError as err:
+        raise ConfigError(f"base = {name!r}: {err} ({source})") from None
+    chain = (*below, Path(source).resolve())
+    if path.resolve() in chain:
+        cycle = " -> ".join(file.name for file in (*chain, path.resolve()))
+        raise ConfigError(f"base = {name!r}: the bases form a cycle, {cycle} ({source})")
+    merged = _read_with_bases(path.read_text(), str(path), path.parent, chain)
+    pending = [(merged, data)]
+    while pending:
+        under, over = pending.pop()
+        for key, value in over.items():
+            if isinstance(under.get(key), dict) and isinstance(value, dict):
+                pending.append((under[key], value))
+            else:
+                under[key] = value
+    return merged
 
 
 def load_config(
@@ -331,21 +425,17 @@ def load_config(
 ) -> RunConfig:
     """Validate YAML (a file ``path``, or ``text`` read from ``source``) with dotted ``overrides`` applied on top.
 
-    Neither ``path`` nor ``text``: the defaults. Raises ConfigError naming the key, the value and the rule.
+    A file may start from another: ``base: NAME`` (a shipped config's name, or a path relative to the file) merges
+    the file over that one before validation, the way ``cifar10_vit_b32_ddp`` builds on ``cifar10_vit_b32``; bases
+    may have bases. The result, with no ``base`` left, is what a run saves as its ``config.yaml``. Neither ``path``
+    nor ``text``: the defaults. Raises ConfigError naming the key, the value and the rule (and the file).
     """
+    beside = None
     if path is not None:
         resolved = resolve_config_path(path)
-        text, source = resolved.read_text(), str(resolved)
+        text, source, beside = resolved.read_text(), str(resolved), resolved.parent
     source = source or "defaults"
-    try:
-        data = yaml.safe_load(text or "") or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{source}{where}: not valid YAML ({reason})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    data = _read_with_bases(text or "", source, beside)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

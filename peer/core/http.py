@@ -24,6 +24,8 @@ import socket
 import socketserver
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -271,3 +273,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (signature fixed by the standard library)
         log.debug("http %s " + format, self.client_address[0], *args)
+
+
+# The client side: a peer or monitor reading a coordinator's API (no hivemind import, so refusals stay fast).
+
+
+def coordinator_get(url: str, path: str, wait: float = 60.0) -> str:
+    """GET ``<url>/<path>`` from a coordinator's HTTP API as text, retrying while it starts (up to ``wait`` s)."""
+    address = f"{url.rstrip('/')}/{path.lstrip('/')}"
+    if not address.startswith(("http://", "https://")):
+        raise ValueError(f"--coordinator {url!r} is not an HTTP address; expected http://HOST:PORT")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(address, timeout=10) as response:
+                return response.read().decode()
+        except urllib.error.HTTPError as err:
+            raise RuntimeError(f"coordinator {url} answered {address} with HTTP {err.code} {err.reason}") from err
+        except (urllib.error.URLError, OSError) as err:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"coordinator {url} did not answer for {wait:.0f} s ({getattr(err, 'reason', err)}); "
+                    "check the address and that its HTTP port is open to you"
+                ) from err
+            time.sleep(1.0)

@@ -10,7 +10,7 @@ exits at once, with 128 + the signal's number, as a shell reports a killed comma
 
 Lightning installs its own SIGTERM handler while it fits, which ends a run with an exception and exit code 1;
 ``LeaveOnSignal`` takes SIGTERM back at the start of training. Every local rank of a multi-device peer gets the
-leader's decision with its step broadcast (``core.strategy._SwarmSteps``), so all ranks stop at the same step.
+leader's decision with its step broadcast (``core.local_ranks``), so all ranks stop at the same step.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class LeaveOnSignal(pl.Callback):
         self.pid = os.getpid()
         self.while_leaving: list[Callable[[], None]] = []
         """Run every half second from a helper thread once a leave is requested (not in the signal handler, which
-        interrupts the training loop wherever it is): e.g. ``_SwarmSteps.stop_averaging_state``."""
+        interrupts the training loop wherever it is): e.g. ``SwarmSteps.stop_averaging_state``."""
         self.settled = threading.Event()
         """Set once training has ended: from then on the main thread finishes the leave, with no deadline."""
         self.past_deadline: list[Callable[[], None]] = []

@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from vitpeer.peer.core.config import ParallelConfig
+from vitpeer.peer.core.preflight import check_precision as check_precision  # the one precision check, re-exported
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +36,6 @@ def device_type(accelerator: str) -> str:
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise ValueError("trainer.accelerator = 'gpu' but torch sees no CUDA GPU; use 'cpu' or 'auto'")
     return "cuda" if accelerator in ("gpu", "auto") and torch.cuda.is_available() else "cpu"
-
-
-def check_precision(precision: str, device: str, swarm: bool) -> None:
-    """Raise ValueError, one line with the way out, when ``trainer.precision`` cannot run on ``device``: before any
-    process, port or download is spent on the run."""
-    if precision == "16-mixed" and swarm:
-        raise ValueError(
-            "precision '16-mixed' is not supported in a swarm: its loss scaling would have to run inside hivemind's "
-            "delayed steps. Use 'bf16-mixed' (CPUs, Ampere and newer GPUs) or '32'."
-        )
-    if precision == "16-mixed" and device == "cpu":
-        raise ValueError(
-            "precision '16-mixed' (fp16 autocast with loss scaling) needs a CUDA GPU; on CPU use 'bf16-mixed' or '32'"
-        )
-    if precision == "bf16-mixed" and device == "cuda" and not torch.cuda.is_bf16_supported():
-        name = torch.cuda.get_device_name()
-        raise ValueError(f"precision 'bf16-mixed': this GPU ({name}) has no bf16; use '16-mixed' or '32'")
 
 
 def lightning_strategy(parallel: ParallelConfig) -> Any:

@@ -5,21 +5,27 @@
 exit code 2. Nothing here writes into the run directory (the writability probe removes what it made), so a refused
 run leaves an existing run directory exactly as it was.
 
-- ``check_run``: the model name, the data directory, the checkpoint to resume, the precision (``train``; a peer's
-  is checked by ``commands.join.refuse_in_swarm``), for a peer the target batch and the listen ports, and last the
-  output directory.
+- ``check_run``: the model name, the data directory, the checkpoint to resume, the precision, for a peer the target
+  batch and the listen ports, and last the output directory.
 - ``check_checkpoint``: a file ``torch.load`` can open without unpickling code, holding a ``state_dict``
   (``vitpeer evaluate`` also accepts ``.safetensors``).
+- ``check_precision``: the one precision check; the strategies run it again on the device they got.
+
+They import neither timm nor Lightning, and torch only where the answer needs it (a zip file to open as a
+checkpoint, a precision that depends on the GPU), so a refusal does not wait for them.
 """
 
 from __future__ import annotations
 
 import difflib
 import errno
+import importlib.util
 import os
+import re
 import socket
 import tempfile
 import zipfile
+from functools import cache
 from pathlib import Path
 
 from vitpeer.peer.core.config import ConfigError, RunConfig, SwarmConfig
@@ -37,26 +43,71 @@ def check_run(config: RunConfig, *, swarm: bool) -> None:
     check_data_dir(config)
     if config.trainer.resume is not None:
         check_checkpoint(config.trainer.resume, "trainer.resume")
-    if (
-        not swarm
-    ):  # a peer's precision is checked by vitpeer.peer.commands.join.refuse_in_swarm, with the swarm's own rules
-        check_precision(config)
+    check_precision(config.trainer.precision, config.trainer.accelerator, swarm=swarm)
     if swarm:
+        check_swarm_trainer(config)
         check_target_batch(config)
         if os.environ.get("LOCAL_RANK", "0") == "0":
             check_listen_ports(config.swarm)
     check_writable(config.trainer.output_dir, "trainer.output_dir", "--output-dir")
 
 
-def check_model(name: str) -> None:
-    """A model timm can build; otherwise the closest names it knows."""
-    import timm
+def check_swarm_trainer(config: RunConfig) -> None:
+    """What ``vitpeer train`` offers and a swarm cannot do, refused with the reason and what to set instead."""
+    trainer = config.trainer
+    if trainer.accumulate_grad_batches != 1:
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches = {trainer.accumulate_grad_batches}: in a swarm the peers already "
+            f"accumulate gradients until they reach swarm.target_batch_size ({config.swarm.target_batch_size}) "
+            "samples together; raise that instead and leave accumulate_grad_batches at 1"
+        )
+    if trainer.early_stopping_patience is not None:
+        raise ConfigError(
+            "trainer.early_stopping_patience: a swarm step belongs to every peer, so one peer cannot stop the run "
+            "early; set trainer.max_steps (or stop a volunteer with Ctrl-C) instead"
+        )
 
-    if timm.is_model(name):
+
+def check_model(name: str) -> None:
+    """A model timm can build, as ``timm.is_model`` says it (the architecture; a pretrained tag such as
+    ``.augreg_in21k`` is timm's to resolve when it builds the model); otherwise the closest names it knows."""
+    models, deprecated = timm_models()
+    architecture = name.split(".", 1)[0]
+    if architecture in models or architecture in deprecated:
         return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, sorted(models), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models('vit_*')"
     raise ConfigError(f"model.name = {name!r} is not a timm model; {hint}")
+
+
+TIMM_ENTRYPOINT = re.compile(r"^@register_model\s*\n(?:@.*\n)*def (\w+)\(", re.MULTILINE)
+TIMM_DEPRECATIONS = re.compile(r"register_model_deprecations\(\s*__name__\s*,\s*\{(.*?)\}\s*\)", re.DOTALL)
+TIMM_DEPRECATED_NAME = re.compile(r"""['"](\w+)['"]\s*:""")
+
+
+@cache
+def timm_models() -> tuple[frozenset[str], frozenset[str]]:
+    """The architectures the installed timm registers (``timm.list_models()``) and the deprecated names it still
+    builds, read from its source files instead of importing it (timm imports torch). timm registers an
+    architecture with ``@register_model`` on its function in ``timm/models/``, and a deprecated name as a key of
+    ``register_model_deprecations(__name__, {...})``. ``tests/peer/test_bad_input.py`` holds both sets against the
+    installed timm's own lists. If its files no longer read that way, timm is imported after all."""
+    spec = importlib.util.find_spec("timm")  # finds the package without running it
+    folders = spec.submodule_search_locations if spec is not None else None
+    models: set[str] = set()
+    deprecated: set[str] = set()
+    for path in sorted(Path(folders[0]).joinpath("models").rglob("*.py")) if folders else []:
+        text = path.read_text(encoding="utf-8")
+        if "register_model" in text:
+            models.update(TIMM_ENTRYPOINT.findall(text))
+            for block in TIMM_DEPRECATIONS.findall(text):
+                deprecated.update(TIMM_DEPRECATED_NAME.findall(block))
+    if not models:
+        import timm
+
+        listed = set(timm.list_models())
+        return frozenset(listed), frozenset(name for name in timm.models.get_deprecated_models() if name not in listed)
+    return frozenset(models - deprecated), frozenset(deprecated)
 
 
 def check_data_dir(config: RunConfig) -> None:
@@ -112,15 +163,32 @@ def _checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def check_precision(config: RunConfig) -> None:
-    """The numerics the device supports outside a swarm (``core.parallel.check_precision``), as a usage error."""
-    from vitpeer.peer.core.parallel import check_precision as check
-    from vitpeer.peer.core.parallel import device_type
+def check_precision(precision: str, device: str, *, swarm: bool) -> None:
+    """``trainer.precision`` can run on ``device``, in a swarm (``swarm``) or not: one line with the way out
+    otherwise, before any process, port or download is spent on the run. ``device`` is ``trainer.accelerator``
+    (auto, cpu, gpu) before the run, or the torch device type (cpu, cuda) a strategy got. torch is imported only when
+    the answer depends on the GPU."""
+    if precision == "16-mixed" and swarm:
+        raise ConfigError(
+            "precision '16-mixed' is not supported in a swarm: its loss scaling would have to run inside hivemind's "
+            "delayed steps. Use 'bf16-mixed' (CPUs, Ampere and newer GPUs) or '32'."
+        )
+    if device == "gpu" or (device == "auto" and precision != "32"):
+        import torch
 
-    try:
-        check(config.trainer.precision, device_type(config.trainer.accelerator), swarm=False)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+        if device == "gpu" and not torch.cuda.is_available():
+            raise ConfigError("trainer.accelerator = 'gpu' but torch sees no CUDA GPU; use 'cpu' or 'auto'")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "16-mixed" and device == "cpu":
+        raise ConfigError(
+            "precision '16-mixed' (fp16 autocast with loss scaling) needs a CUDA GPU; on CPU use 'bf16-mixed' or '32'"
+        )
+    if precision == "bf16-mixed" and device == "cuda":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            name = torch.cuda.get_device_name()
+            raise ConfigError(f"precision 'bf16-mixed': this GPU ({name}) has no bf16; use '16-mixed' or '32'")
 
 
 def check_target_batch(config: RunConfig) -> None:

@@ -41,11 +41,11 @@ class ProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         shown = {key: value for key, value in super().get_metrics(trainer, pl_module).items() if key != "v_num"}
         from vitpeer.peer.core.strategy import (
-            _SwarmSteps,  # the strategy module imports hivemind: only when a bar is drawn
+            SwarmSteps,  # the strategy module imports hivemind: only when a bar is drawn
         )
 
         strategy = trainer.strategy
-        if isinstance(strategy, _SwarmSteps) and strategy.leader and strategy.optimizers:
+        if isinstance(strategy, SwarmSteps) and strategy.leader and strategy.optimizers:
             optimizer = strategy.optimizer
             progress = optimizer.tracker.global_progress
             shown["swarm"] = f"{optimizer.local_epoch}/{trainer.max_steps}"

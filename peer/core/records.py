@@ -28,6 +28,8 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 from pydantic.v1 import BaseModel, ValidationError, confloat, conint, constr
 
+from vitpeer.peer.core.hivemind_adapters import dht_node_validators
+
 log = logging.getLogger(__name__)
 
 # No Lightning and no timm here (hivemind brings torch): ``vitpeer doctor`` loads this through ``core.swarm``.
@@ -123,7 +125,7 @@ def record_validators(run_id: str) -> list[RecordValidatorBase]:
 
 async def _count_rejections(_dht: hivemind.DHT, node) -> dict[str, int]:
     counts = {"signature": 0, "schema": 0}
-    for validator in node.protocol.record_validator._validators:  # hivemind keeps no public accessor
+    for validator in dht_node_validators(node):
         if isinstance(validator, SignatureGuard | SchemaGuard):
             counts[validator.reason] += validator.rejected
     return counts

@@ -7,21 +7,14 @@ hivemind listens on loopback unless told otherwise and, listening on all interfa
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import multiprocessing
-import multiprocessing.util
-import os
-import signal
 import socket
-import time
-import urllib.error
-import urllib.request
 
 import hivemind
 from hivemind.utils.multiaddr import Multiaddr
 
 from vitpeer.peer.core.config import SwarmConfig
+from vitpeer.peer.core.processes import children_die_with_us
 from vitpeer.peer.core.records import record_validators
 
 
@@ -39,38 +32,6 @@ def announce_maddrs(swarm: SwarmConfig) -> list[str]:
             raise ValueError("swarm.announce_ip needs a fixed swarm.host_port (the port others dial), not 0")
         return [f"/ip4/{swarm.announce_ip}/tcp/{swarm.host_port}"]
     return []
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent(_: object) -> None:
-    """In a freshly forked child: ask Linux to SIGKILL it when its parent dies (then its p2p daemon exits too)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (AttributeError, OSError):  # not Linux: children may outlive a killed parent there
-        return
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-class _Lifetime:
-    """Anchor for the after-fork hook (multiprocessing keeps registered objects by weak reference)."""
-
-
-_LIFETIME = _Lifetime()
-
-
-def children_die_with_us() -> None:
-    """hivemind's DHT and averager processes die with this one, even on SIGKILL.
-
-    Without it a killed peer or coordinator leaves its DHT process and p2p daemon running, still holding its port
-    and identity, so a restart on the same --host-port fails and other peers keep seeing a ghost peer.
-    """
-    if not getattr(_LIFETIME, "registered", False):
-        multiprocessing.util.register_after_fork(_LIFETIME, _die_with_parent)
-        _LIFETIME.registered = True
 
 
 def start_dht(swarm: SwarmConfig, **extra) -> hivemind.DHT:
@@ -144,24 +105,3 @@ def data_order_seed(dht: hivemind.DHT, seed: int) -> int:
 def join_hint(maddrs: list[str], run_id: str) -> str:
     """The ready-to-paste command line for other volunteers."""
     return f"vitpeer join --run-id {run_id} --initial-peers {' '.join(maddrs)}"
-
-
-def coordinator_get(url: str, path: str, wait: float = 60.0) -> str:
-    """GET ``<url>/<path>`` from a coordinator's HTTP API as text, retrying while it starts (up to ``wait`` s)."""
-    address = f"{url.rstrip('/')}/{path.lstrip('/')}"
-    if not address.startswith(("http://", "https://")):
-        raise ValueError(f"--coordinator {url!r} is not an HTTP address; expected http://HOST:PORT")
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            with urllib.request.urlopen(address, timeout=10) as response:
-                return response.read().decode()
-        except urllib.error.HTTPError as err:
-            raise RuntimeError(f"coordinator {url} answered {address} with HTTP {err.code} {err.reason}") from err
-        except (urllib.error.URLError, OSError) as err:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"coordinator {url} did not answer for {wait:.0f} s ({getattr(err, 'reason', err)}); "
-                    "check the address and that its HTTP port is open to you"
-                ) from err
-            time.sleep(1.0)

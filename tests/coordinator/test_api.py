@@ -15,8 +15,9 @@ import pytest
 from vitpeer.coordinator.api import ApiServer, Route
 from vitpeer.coordinator.config import CoordinatorConfig
 from vitpeer.peer.core.config import ConfigError, RunConfig, SwarmConfig, TrainerConfig, load_config, validated
+from vitpeer.peer.core.http import coordinator_get
 from vitpeer.peer.core.options import join_config
-from vitpeer.peer.core.swarm import coordinator_get, default_route_ip
+from vitpeer.peer.core.swarm import default_route_ip
 
 ID_A = "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"  # well-formed peer ids (initial_peers are validated)
 PEER_A = f"/ip4/1.2.3.4/tcp/31337/p2p/{ID_A}"

@@ -26,10 +26,10 @@ from hivemind.utils import get_dht_time
 from processes import CONFIG, RUN_ID, Coordinator, free_port, listed, peer, peer_id, wait_for
 
 from vitpeer.coordinator.checkpoints import CHUNK_DELAY_ENV
-from vitpeer.peer.commands.demo import stop_all
 from vitpeer.peer.core.config import load_config
 from vitpeer.peer.core.data import VisionDataModule
 from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
+from vitpeer.peer.core.processes import stop_all
 from vitpeer.peer.core.records import metrics_key, record_validators
 
 pytestmark = pytest.mark.slow

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 from processes import METRICS_AT, free_port, printed, spawn, wait_for
 
-from vitpeer.peer.commands.demo import stop_all
+from vitpeer.peer.core.processes import stop_all
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's console scripts: vitpeer, hadolint
@@ -28,6 +30,17 @@ def instructions() -> list[tuple[str, str]]:
         if line and not line.startswith("#"):
             keyword, _, rest = line.partition(" ")
             found.append((keyword.upper(), rest.strip()))
+    return found
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions split into its build stages, each starting with its FROM."""
+    found: list[list[tuple[str, str]]] = []
+    for keyword, rest in instructions():
+        if keyword == "FROM":
+            found.append([])
+        if found:
+            found[-1].append((keyword, rest))
     return found
 
 
@@ -65,6 +78,38 @@ def test_runs_as_a_non_root_user_with_its_state_in_the_data_volume():
     assert the("VOLUME") == "/data" and the("WORKDIR") == "/data"
     assert {"31337", "9470"} <= set(the("EXPOSE").split())
     assert (ROOT / ".dockerignore").is_file() and ".venv" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_the_image_installs_the_built_wheel_with_the_base_images_torch():
+    *builders, final = stages()
+    wheel_builds = [rest for stage in builders for name, rest in stage if name == "RUN" and "pip wheel" in rest]
+    assert len(wheel_builds) == 1 and "--no-deps" in wheel_builds[0], wheel_builds
+    assert not [rest for name, rest in final if name in ("COPY", "ADD")], "no source tree in the volunteers' image"
+    (install,) = [rest for name, rest in final if name == "RUN" and "pip install" in rest]
+    assert "--editable" not in install and " -e " not in install
+    assert re.search(r"pip install .*/vitpeer-\*\.whl", install), install
+    assert "--constraint /tmp/preinstalled.txt" in install
+
+    # the constraint pins exactly the torch and torchvision already installed: run its snippet with this Python
+    snippet = re.search(r'python -c ("(?:[^"\\]|\\.)*") *> */tmp/preinstalled.txt', install)
+    assert snippet, install
+    code = shlex.split(snippet.group(1))[0]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [f"{name}=={version(name)}" for name in ("torch", "torchvision")]
+
+
+def test_the_wheel_stage_copies_files_that_exist_and_reach_the_build_context():
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    copied = []
+    for name, rest in instructions():
+        if name == "COPY" and not rest.startswith("--from"):
+            *sources, _target = rest.split()
+            copied += sources
+    assert {"pyproject.toml", "README.md", "configs", "peer", "coordinator", "monitor"} <= set(copied), copied
+    for source in copied:
+        assert (ROOT / source).exists(), source
+        assert source not in ignored, f"{source} is in .dockerignore"
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from processes import METRICS_AT, Coordinator, fetch, free_port, peer, peer_id, 
 from prometheus_client.parser import text_string_to_metric_families
 from test_dashboard import METRICS as DASHBOARD_METRICS
 
-from vitpeer.peer.commands.demo import stop_all
+from vitpeer.peer.core.processes import stop_all
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,9 @@
 """Every bad input gives one clear line naming the problem, exit code 2 when the user's input is wrong and 1 when the
 world fails (peers, coordinator), and leaves an existing run directory as it was. README's "When things go wrong"
-table lists these rows; ``test_readme_table_names_tests_that_exist`` keeps it true."""
+table lists these rows; ``test_readme_table_names_tests_that_exist`` keeps it true.
+
+A refusal comes before torch, timm or Lightning is imported (``test_a_refusal_imports_no_torch_timm_or_lightning``),
+which is what keeps it fast; the model name is checked without timm (``test_the_model_check_agrees_with_timm``)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -23,8 +27,9 @@ from click.testing import CliRunner
 from processes import free_port
 
 from vitpeer.peer.cli import main
-from vitpeer.peer.commands.demo import stop_all
-from vitpeer.peer.core.config import load_config
+from vitpeer.peer.core import preflight
+from vitpeer.peer.core.config import ConfigError, load_config
+from vitpeer.peer.core.processes import stop_all
 
 VITPEER = Path(sys.executable).with_name("vitpeer")  # the virtual env's console script
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -131,17 +136,23 @@ def run_vitpeer(args: list[str], timeout: float) -> tuple[int, str, str]:
     return process.returncode, stdout, stderr
 
 
-@pytest.mark.timeout(150)
-@pytest.mark.parametrize("row", list(ROWS.values()), ids=list(ROWS))
-def test_bad_input(row: Row, tmp_path: Path, held_port: int):
-    run = tmp_path / "run"
-    before = earlier_run(run)
+def bad_input_scene(tmp_path: Path, held_port: int) -> dict[str, Any]:
+    """The files and ports the rows point at, with an earlier run in ``{run}``; what fills the rows' blanks."""
+    earlier_run(tmp_path / "run")
     (tmp_path / "a_file").write_text("a file where a folder would go\n")
     (tmp_path / "mnist.yaml").write_text("data:\n  source: mnist\n")
     (tmp_path / "broken.yaml").write_text("data:\n  batch_size: [32\n")  # the list is never closed
     (tmp_path / "typo.yaml").write_text("data:\n  batch_sise: 32\n")
     (tmp_path / "many.yaml").write_text("data:\n  batch_size: many\n")
-    where = {"run": run, "tmp": tmp_path, "closed": free_port(), "held": held_port, "peer": PEER_ID}
+    return {"run": tmp_path / "run", "tmp": tmp_path, "closed": free_port(), "held": held_port, "peer": PEER_ID}
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("row", list(ROWS.values()), ids=list(ROWS))
+def test_bad_input(row: Row, tmp_path: Path, held_port: int):
+    where = bad_input_scene(tmp_path, held_port)
+    run = where["run"]
+    before = files(run)
     args = row.command.format(**where).split()
 
     started = time.monotonic()
@@ -161,6 +172,51 @@ def test_bad_input(row: Row, tmp_path: Path, held_port: int):
     assert {name: after.get(name) for name in before} == before  # nothing saved is lost or changed
     if row.exit == 2:
         assert after == before  # refused before anything was written
+
+
+HEAVY = ("torch", "timm", "pytorch_lightning", "lightning_fabric", "hivemind")
+PROBE = f"""
+import atexit, sys
+from vitpeer.peer.cli import main
+atexit.register(lambda: print("heavy imports:", *[m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr))
+main(sys.argv[1:], prog_name="vitpeer")
+"""
+REFUSED = {name: row for name, row in ROWS.items() if row.exit == 2}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("row", list(REFUSED.values()), ids=list(REFUSED))
+def test_a_refusal_imports_no_torch_timm_or_lightning(row: Row, tmp_path: Path, held_port: int):
+    """In a fresh interpreter, as a user runs it: the refusal is printed before any heavy library is imported."""
+    where = bad_input_scene(tmp_path, held_port)
+    args = row.command.format(**where).split()
+    done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=50)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and row.says.format(**where) in lines[0], done.stderr
+    assert lines[-1] == "heavy imports:", done.stderr
+
+
+def test_the_model_check_agrees_with_timm():
+    """``preflight.check_model`` reads timm's registry from its files; it must say what ``timm.is_model`` says, for
+    every architecture, deprecated name and pretrained tag the installed timm lists, and for near misses."""
+    import timm
+
+    models, deprecated = preflight.timm_models()
+    assert models == set(timm.list_models())
+    assert deprecated == set(timm.models.get_deprecated_models())
+    tagged = timm.list_models(include_tags=True)
+    assert "vit_base_patch16_224.augreg_in21k" in tagged
+    for name in [*tagged, *deprecated]:
+        preflight.check_model(name)  # accepted, as timm.is_model accepts it
+    near_misses = [name[:-1] + "x" for name in timm.list_models()[::20]] + ["vit_tinny_patch16_224", "vit", ""]
+    for name in near_misses:
+        try:
+            preflight.check_model(name)
+            accepted = True
+        except ConfigError as err:
+            accepted = False
+            assert str(err).startswith(f"model.name = {name!r} is not a timm model; ")
+        assert accepted == timm.is_model(name), name
 
 
 # --- the README's table ----------------------------------------------------------------------------------------------
@@ -226,9 +282,10 @@ def named_test(file: str, function: str, test_id: str | None) -> str | None:
 
 def test_readme_table_names_tests_that_exist():
     rows = readme_rows()
-    assert rows and all(len(row) == 4 for row in rows), rows  # | Fault or bad input | What vitpeer does | Exit | Test |
-    problems, ours = [], {}
-    for fault, _, exit_code, cell in rows:
+    # | Fault or bad input | What vitpeer does | Exit | Time | Test |
+    assert rows and all(len(row) == 5 for row in rows), rows
+    problems, ours, times = [], {}, {}
+    for fault, _, exit_code, seconds, cell in rows:
         named = CELL_TEST.findall(cell)
         if not named:
             problems.append(f"{fault}: its Test cell names no test")
@@ -237,8 +294,10 @@ def test_readme_table_names_tests_that_exist():
             if problem:
                 problems.append(f"{fault}: {problem}")
             if file == Path(__file__).name and function == "test_bad_input":
-                ours[test_id] = exit_code
+                ours[test_id], times[test_id] = exit_code, seconds
     assert not problems, problems
+    untimed = [test_id for test_id, seconds in times.items() if not re.fullmatch(r"[\d.]+ s\b.*", seconds)]
+    assert not untimed, f"rows whose Time cell gives no seconds: {untimed}"
     assert set(ours) == set(ROWS), "every row of ROWS is in the README table, and no other"
     assert {test_id: int(re.sub(r"\D", "", code)) for test_id, code in ours.items()} == {
         key: row.exit for key, row in ROWS.items()

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from vitpeer.peer.commands import doctor
+from vitpeer.peer.core.config import peer_multiaddr_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 DEAD_PEER_ID = "12D3KooWMDNVJKmcbMXyCtbGCidASwAV1xnjExXHgsbYsDdHkANH"
@@ -190,9 +191,9 @@ def test_help_is_fast_and_imports_neither_torch_nor_hivemind():
     ],
 )
 def test_multiaddr_problems_are_named(addr: str, says: str):
-    problem = doctor.multiaddr_problem(addr)
+    problem = peer_multiaddr_problem(addr)
     assert problem is not None and says in problem
-    assert doctor.multiaddr_problem(f"/ip4/1.2.3.4/tcp/31337/p2p/{DEAD_PEER_ID}") is None
+    assert peer_multiaddr_problem(f"/ip4/1.2.3.4/tcp/31337/p2p/{DEAD_PEER_ID}") is None
 
 
 def test_gpu_hosts_report_nccl_and_each_gpu(monkeypatch):
@@ -269,7 +270,7 @@ def test_a_coordinator_reports_its_run_and_peers():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        [found] = doctor.check_coordinator(f"http://127.0.0.1:{server.server_port}", timeout=5)
+        [found] = doctor.check_coordinator_status(f"http://127.0.0.1:{server.server_port}", timeout=5)
     finally:
         server.shutdown()
         server.server_close()

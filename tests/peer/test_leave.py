@@ -15,9 +15,8 @@ import pytest
 import torch
 from processes import spawn, wait_for
 
-from vitpeer.peer.commands.demo import stop_all
-from vitpeer.peer.commands.doctor import descendants
 from vitpeer.peer.core.leave import LAST_WORDS
+from vitpeer.peer.core.processes import descendants, stop_all
 
 pytestmark = pytest.mark.slow
 

@@ -129,19 +129,3 @@ def test_unreachable_initial_peer_is_reported(config):
     swarm = config.swarm.model_copy(update={"initial_peers": [dead]})
     with pytest.raises(RuntimeError, match="none of the initial peers answered"):
         start_dht(swarm)
-
-
-def test_our_averagers_speak_the_protocols_of_hivemind_s_own():
-    """hivemind names RPC protocols after the averager's class: a subclass with another name could not download
-    state from the coordinator, or average with a peer running plain hivemind."""
-    from hivemind.optim import grad_averager, state_averager
-
-    from vitpeer.peer.core.strategy import GradientAverager, TrainingStateAverager
-
-    for ours, theirs in [
-        (GradientAverager, grad_averager.GradientAverager),
-        (TrainingStateAverager, state_averager.TrainingStateAverager),
-    ]:
-        assert ours is not theirs and issubclass(ours, theirs)
-        for method in ("rpc_join_group", "rpc_aggregate_part", "rpc_download_state"):
-            assert ours._get_handle_name("run", method) == theirs._get_handle_name("run", method)

@@ -1,0 +1,312 @@
+"""The adapter room: every place where vitpeer reaches into hivemind 1.1.12's private names is in this file.
+
+``hivemind.Optimizer`` has no public hooks for several things a volunteer swarm needs, so vitpeer overrides or calls
+some of its private methods and attributes. They are all here, so that upgrading hivemind means reading this one file
+against the new hivemind's source. ``tests/peer/test_hivemind_adapters.py`` fails on any hivemind other than
+``WRITTEN_FOR`` until someone has done that, and fails when a private name listed there (``ADAPTED``) shows up in
+any other file. The rest of vitpeer uses only hivemind's public API.
+
+What each adapter changes in hivemind, and the private names it touches:
+
+- ``SwarmOptimizer``, the ``hivemind.Optimizer`` that every peer's strategy steps:
+  - the poison guard: ``_check_and_accumulate_gradients`` keeps a batch with NaN or Inf gradients out of the swarm.
+  - round outcomes: ``_begin_averaging_gradients`` and ``_average_gradients_and_load_into_optimizer`` report each
+    gradient round to ``SwarmEvents``, because hivemind swallows a failed round and steps with local gradients.
+  - group sizes: ``_maybe_schedule_gradient_averaging`` and ``_maybe_schedule_state_averaging`` tell the averagers
+    how many peers a full group has before hivemind schedules a round (see ``_GroupSized``).
+  - our state averager: ``_make_state_averager`` lends hivemind's module global
+    ``hivemind.optim.optimizer.TrainingStateAverager`` our subclass while hivemind builds it.
+  - ``parameters_version``: the state averager's ``_apply_optimizer_parameters_`` and ``_apply_averaging_results_``
+    are wrapped to count every write to the parameters, so local ranks know when to follow (``core.local_ranks``).
+  - a goodbye that waits: ``say_goodbye`` stores the tracker's farewell under ``tracker._local_public_key``.
+  - checkpoint restore: ``catch_up_scheduler`` calls ``TrainingStateAverager._update_scheduler`` (the coordinator
+    uses it too).
+- ``_GroupSized``, mixed into hivemind's two averager classes: it sends ``_set_group_size`` through the averager's
+  ``_outer_pipe``, and in the averager's process sets ``_matchmaking.target_group_size``.
+- ``_LoadDeadline`` ends hivemind's endless retry loop of state downloads. It replaces the averagers' public
+  ``load_state_from_peers``, but it changes what hivemind's own loop does.
+- ``dht_node_validators`` reads a DHT node's ``record_validator._validators`` to count refused records
+  (``core.records``).
+- ``GroupSizedAverager``: a plain ``DecentralizedAverager`` with ``_GroupSized`` (the DiLoCo rounds, ``core.diloco``).
+- ``use_our_8bit_codec`` puts ``core.quantization.Blockwise8BitCompression`` into hivemind's private table of
+  decoders, ``hivemind.compression.serialization._BASE_COMPRESSION_TYPES``, under the wire name ``UNIFORM_8BIT``.
+
+The gradient averager's class and options reach hivemind through the public ``grad_averager_factory`` argument.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import hivemind
+import torch
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.optim import grad_averager, state_averager
+from hivemind.optim import optimizer as hivemind_optimizer
+from hivemind.utils import get_dht_time
+
+from vitpeer.peer.core.events import SwarmEvents
+
+log = logging.getLogger(__name__)
+
+# No Lightning and no timm here: ``core.records`` (which ``vitpeer doctor`` loads) imports this module.
+
+WRITTEN_FOR = "1.1.12"
+"""The hivemind version these adapters were written against and read with (a test pins the installed one to it)."""
+
+
+class _LoadDeadline:
+    """Wraps an averager's ``load_state_from_peers`` so hivemind's retry loop ends at a deadline.
+
+    ``hivemind.Optimizer.load_state_from_peers`` retries forever while downloads fail (hivemind#453, #653). Before
+    the deadline a failure propagates (hivemind retries); after it, the failure is logged and swallowed, so hivemind's
+    loop ends and the peer goes on from its local state. Each attempt's own timeout is cut to the time left.
+    """
+
+    def __init__(self, load_state_from_peers, timeout: float):
+        self.load, self.timeout = load_state_from_peers, timeout
+        self.deadline: float | None = None
+        self.gave_up = False  # the last load ended at the deadline without a state
+
+    def __call__(self, **kwargs):
+        now = time.monotonic()
+        if self.deadline is None or now > self.deadline + self.timeout:  # a new load, not a retry of the last one
+            self.deadline, self.gave_up = now + self.timeout, False
+        kwargs["timeout"] = max(1.0, min(kwargs.get("timeout") or self.timeout, self.deadline - now))
+        try:
+            return self.load(**kwargs)
+        except Exception as err:
+            if time.monotonic() < self.deadline:
+                raise
+            log.warning("giving up loading state from peers after %.0f s (%r); training on", self.timeout, err)
+            self.gave_up = True
+            return None
+
+
+class _GroupSized:
+    """A hivemind averager told how many peers a full group has (mixed into hivemind's two averager classes).
+
+    Without a target group size, hivemind's matchmaking leader keeps its group open for the whole
+    ``matchmaking_time`` even when every peer has joined, so every swarm step waited that long for nothing. With the
+    size set to the peers the progress tracker counts, the group closes as soon as they are all in; when a counted
+    peer is gone (its record not yet expired), the group closes at ``matchmaking_time`` as before. Matchmaking runs
+    in the averager's own process: the size travels there through hivemind's command pipe.
+    """
+
+    group_size: int | None = None
+
+    def set_group_size(self, size: int) -> None:
+        if size != self.group_size:
+            self.group_size = size
+            # hivemind's averager process runs ``getattr(averager, name)(*args, **kwargs)`` for each pipe message
+            self._outer_pipe.send(("_set_group_size", [size], {}))
+
+    async def _set_group_size(self, size: int) -> None:  # runs in the averager's process
+        # hivemind fixes the size when the averager starts (``target_group_size``, None for hivemind.Optimizer's
+        # averagers) and offers no setter: change it on the live matchmaking, where the leader checks it
+        self._matchmaking.target_group_size = size
+        self._matchmaking.potential_leaders.target_group_size = size
+
+
+# hivemind names each averager's RPC protocols after its class (``<prefix>::TrainingStateAverager.rpc_download_state``):
+# ours keep hivemind's class names, so they speak with plain hivemind peers and the coordinator.
+
+
+class GradientAverager(_GroupSized, grad_averager.GradientAverager):
+    """hivemind's gradient averager, with ``_GroupSized``."""
+
+
+class TrainingStateAverager(_GroupSized, state_averager.TrainingStateAverager):
+    """hivemind's training-state averager, with ``_GroupSized``."""
+
+
+class GroupSizedAverager(_GroupSized, hivemind.DecentralizedAverager):
+    """hivemind's plain averager, with ``_GroupSized``."""
+
+
+def use_our_8bit_codec() -> None:
+    """Encode and decode ``UNIFORM_8BIT`` tensors with ``core.quantization.Blockwise8BitCompression``.
+
+    hivemind decodes every received tensor through a module-level table keyed by the wire name, and the protocol has
+    no room for a new name; hivemind's own 8-bit decoders fail under numpy 2 (see ``core.quantization``). Call it
+    before any averager process starts (they fork from this one and inherit the table).
+    """
+    from hivemind.compression import serialization
+
+    from vitpeer.peer.core.quantization import Blockwise8BitCompression
+
+    serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Blockwise8BitCompression()
+
+
+def catch_up_scheduler(averager: state_averager.TrainingStateAverager) -> None:
+    """Step ``averager``'s LR scheduler until it is in step with ``averager.local_epoch``.
+
+    Use it after setting the epoch by hand (a checkpoint restore). hivemind does this itself after a state download,
+    in the private ``_update_scheduler``, and has no public way to do it otherwise."""
+    averager._update_scheduler()
+
+
+def dht_node_validators(node) -> list[RecordValidatorBase]:
+    """The record validators a running ``DHTNode`` applies (run inside the DHT process, e.g. by
+    ``hivemind.DHT.run_coroutine``). hivemind keeps no public accessor: its composite validator's private list."""
+    return list(node.protocol.record_validator._validators)
+
+
+def say_goodbye(dht: hivemind.DHT, tracker) -> None:
+    """Tell the others this peer is gone: its progress record set to None, and wait until it is stored.
+
+    hivemind's own goodbye (in ``shutdown``) does not wait for the store, so a DHT shut down right after loses it, and
+    the others count this peer, and wait for it in their rounds, until its record expires."""
+    expiration = get_dht_time() + tracker.metadata_expiration
+    try:
+        # the record hivemind's own goodbye writes: peers' progress is keyed by their signing key, kept private
+        dht.store(tracker.training_progress_key, None, expiration, subkey=tracker._local_public_key)
+    except Exception as err:  # the goodbye is a courtesy: leaving must not fail on it
+        log.warning("could not tell the swarm this peer left: %r", err)
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer with a deadline on state downloads, checkpoint restore that keeps the LR in step, a guard
+    that keeps non-finite gradients out of the swarm, and ``SwarmEvents`` for rounds, downloads and skipped batches."""
+
+    def __init__(self, events: SwarmEvents | None = None, **kwargs):
+        self.events = events or SwarmEvents()
+        if not kwargs.get("use_local_updates"):  # hivemind refuses a gradient averager factory with local updates
+            # hivemind 1.1.12 forwards averager_opts to the state averager only, though its docstring says both: the
+            # gradient averager kept request_timeout = 3 s against a shorter matchmaking_time, which hivemind itself
+            # warns "can cause deadlocks" (a demo peer pair once failed every gradient round for 56 rounds so). The
+            # public factory argument carries them, and our averager class, to the gradient averager.
+            factory = kwargs.get("grad_averager_factory") or GradientAverager
+            kwargs["grad_averager_factory"] = functools.partial(factory, **dict(kwargs.get("averager_opts") or {}))
+        super().__init__(**kwargs)
+        self._loaders = []
+        for averager in (self.state_averager, self.grad_averager):
+            if averager is not None:
+                loader = _LoadDeadline(averager.load_state_from_peers, self.load_state_timeout)
+                averager.load_state_from_peers = loader
+                self._loaders.append(loader)
+        self.skipped_batches = 0
+        """Local batches whose gradients held NaN or Inf and were not sent (see ``_check_and_accumulate_gradients``)."""
+        self.parameters_version = 0
+        """Bumped whenever hivemind writes this peer's parameters: an optimizer step, a (background) averaging result
+        applied at any later local step, a state download. Local ranks that follow this peer sync when it moves."""
+        state = self.state_averager
+        # hivemind writes the parameters in these two private methods (and in a download); it tells no one when
+        for name in ("_apply_optimizer_parameters_", "_apply_averaging_results_", "load_state_from_peers"):
+            setattr(state, name, self._bumps_version(getattr(state, name)))
+
+    def _bumps_version(self, writes_parameters):
+        def wrapped(*args, **kwargs):
+            try:
+                return writes_parameters(*args, **kwargs)
+            finally:
+                self.parameters_version += 1
+
+        return wrapped
+
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        # Changes which class hivemind builds its state averager from: ours, with ``_GroupSized``. hivemind 1.1.12's
+        # Optimizer takes a factory for the gradient averager (used above) but none for the state averager: its
+        # ``_make_state_averager`` calls this module-level name, with the arguments it alone knows. Copying that call
+        # here would drift silently from hivemind's, and changing the class after it is built is too late (the
+        # averager's process has started with hivemind's class, and ``_set_group_size`` runs there). So the name is
+        # lent for this call and restored; not thread-safe: build one SwarmOptimizer at a time.
+        hivemind_optimizer.TrainingStateAverager = TrainingStateAverager
+        try:
+            return super()._make_state_averager(**kwargs)
+        finally:
+            hivemind_optimizer.TrainingStateAverager = state_averager.TrainingStateAverager
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        # hivemind pre-schedules the next round's matchmaking here: size the group first (see ``_GroupSized``)
+        self._size_groups(self.grad_averager)
+        super()._maybe_schedule_gradient_averaging()
+
+    def _maybe_schedule_state_averaging(self) -> None:
+        self._size_groups(self.state_averager)  # as above, for the state-averaging round
+        super()._maybe_schedule_state_averaging()
+
+    def _size_groups(self, averager) -> None:
+        if isinstance(averager, _GroupSized):
+            averager.set_group_size(max(2, self.tracker.global_progress.num_peers))
+
+    # The three hooks below wrap hivemind 1.1.12's gradient steps: the first keeps poison out, the others only report.
+
+    def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler) -> bool:
+        # The poison guard. One NaN in what a peer sends turns the whole swarm's average, and so every peer's
+        # parameters, into NaN. A batch with non-finite gradients is left out of this peer's accumulator (the good
+        # ones gathered before stay), its samples are not reported, and the step goes on: this peer still takes part
+        # in the round with what it has, so it stays in step with the swarm.
+        grads = [param.grad for param in self.state_averager.main_parameters if param.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            self.skipped_batches += 1
+            log.warning(
+                "non-finite gradients (NaN or Inf) in a local batch at swarm step %d: not sent to the swarm "
+                "(%d such batches so far); check the learning rate, the data and the precision",
+                self.local_epoch,
+                self.skipped_batches,
+            )
+            self.events.batch_skipped("nonfinite")
+            return True
+        return super()._check_and_accumulate_gradients(batch_size, grad_scaler)
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
+        began = super()._begin_averaging_gradients(grad_scaler)
+        if not began:  # no round: alone in the swarm, or hivemind could not start one
+            self.events.averaging_round("alone" if self.tracker.global_progress.num_peers <= 1 else "failed", None)
+        return began
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control) -> None:
+        started = time.perf_counter()
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        if maybe_step_control is None:
+            self.events.averaging_round("alone", None)
+            return
+        # hivemind swallows a failed or timed-out round and steps with local gradients; the future tells which
+        control = maybe_step_control
+        averaged = control.done() and not control.cancelled() and control.exception() is None
+        self.events.averaging_round("averaged" if averaged else "failed", time.perf_counter() - started)
+
+    def load_state_from_peers(self, **kwargs) -> None:
+        started, before = time.perf_counter(), self.local_epoch
+        super().load_state_from_peers(**kwargs)
+        if any(loader.gave_up for loader in self._loaders):
+            outcome = "failed"
+        else:
+            outcome = "loaded" if self.local_epoch > before else "current"
+        self.events.state_download(outcome, time.perf_counter() - started)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.say_goodbye()
+
+    def say_goodbye(self) -> None:
+        say_goodbye(self.dht, self.tracker)
+
+    # What the strategy asks of a swarm optimizer, whichever the algorithm (``core.diloco.DiLoCoOptimizer`` too):
+
+    def prepare_last_step(self, max_steps: int) -> None:
+        """The last swarm step ends with a state round whatever ``average_state_every`` says, so every peer's last
+        checkpoint holds the swarm's common parameters (hivemind decides by the step's number as it begins)."""
+        self.average_state_every = 1
+
+    def finish_pending(self) -> None:
+        """Wait for the background state round (and, with ``overlap``, the optimizer step) still in flight and
+        apply its result to the parameters."""
+        self.state_averager.step(wait_for_delayed_updates=True)
+
+    def stop_rounds(self) -> None:
+        """Leaving: start no more state-averaging rounds. The gradient round in flight goes on, so the others, who
+        wait for this peer's part, lose nothing."""
+        self.average_state_every = 2**31  # hivemind averages state when the next epoch divides by it
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # an offloaded optimizer reads the same .grad tensors every step: zero them, never replace them
+        super().zero_grad(set_to_none=set_to_none and not self.offload_optimizer)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        catch_up_scheduler(self.state_averager)  # hivemind's own catch-up: scheduler steps == local_epoch
+        self.tracker.report_local_progress(self.local_epoch, samples_accumulated=0)
