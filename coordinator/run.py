@@ -86,7 +86,7 @@ class Coordinator:
         self.registry.register(InfoCollector(self.dht.peer_id.to_base58(), self.config.swarm.run_id, "coordinator"))
         self.registry.register(SwarmCollector(self.status))
         images = image_config(self.state.net, self.config.model)
-        fingerprint = run_fingerprint(self.state.net, self.config.model, self.state.num_classes)
+        fingerprint = run_fingerprint(self.state.net, self.config, self.state.num_classes, settings=False)
         refuse_mismatch(self.dht, self.config.swarm.run_id, fingerprint)  # peers of this run id train something else
         self.keeper = FingerprintKeeper(self.dht, self.config.swarm.run_id, fingerprint)
         self.keeper.start()  # newcomers with another model are refused even while no volunteer trains

@@ -145,7 +145,7 @@ class SwarmMembership:
 
     def refuse_another_model(self, net: torch.nn.Module, classes: int) -> None:
         """Stop (ConfigError) when the peers of this run id train another model; else remember our fingerprint."""
-        self.fingerprint = run_fingerprint(net, self.config.model, classes)
+        self.fingerprint = run_fingerprint(net, self.config, classes)
         refuse_mismatch(self.dht, self.config.swarm.run_id, self.fingerprint)
 
     def start_reporting(self, strategy: SwarmSteps) -> list[pl.Callback]:

@@ -24,10 +24,11 @@ Rules that keep the swarm together:
   part)``). At swarm steps 1, 2, 4, ... up to ``sync_every``, then every ``sync_every`` steps and after the last,
   the peers average ``shared`` and the outer momentum themselves, exactly (fp32): peers that started alone, or
   drifted apart by rounding, then hold the same state.
-- A round that fails (timeout, a peer left mid-round) is not applied: the peer keeps its local progress and
-  downloads the shared state (parameters, outer momentum, swarm step) from another peer before the next round.
-- A peer whose pseudo-gradient holds NaN or Inf does not send it: it drops that round's progress, returns to
-  ``shared`` and downloads the shared state, so the poison never reaches the others.
+- A round that fails (timeout, a peer left mid-round) is not applied: its progress stays in the local parameters and
+  goes into the peer's next pseudo-gradient. Peers whose shared states drifted apart (one applied a round another
+  missed) hold the same state again after the next exact sync.
+- A peer whose pseudo-gradient holds NaN or Inf does not send it: it drops that round's progress and returns to
+  ``shared``, so the poison never reaches the others.
 - A straggler costs the others at most ``matchmaking_time`` + ``averaging_timeout``: the round goes on without it.
 - A late joiner downloads ``shared``, the outer momentum and the swarm step within ``load_state_timeout`` from the
   peer with the newest swarm step (the state-sharing protocol of hivemind's ``DecentralizedAverager``).
@@ -38,6 +39,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,7 +132,6 @@ class DiLoCo:
         self.epoch = 0
         self.samples = 0  # trained by this peer since the last hand-off
         self.in_flight: Round | None = None
-        self.needs_state = False
         self.rounds: list[RoundResult] = []
         self.wait_seconds = 0.0  # the training thread's time spent waiting for rounds, syncs and downloads
         self.skipped_rounds = 0  # pseudo-gradients with NaN or Inf, kept out of the swarm
@@ -178,7 +179,7 @@ class DiLoCo:
         self.tracker.report_local_progress(self.epoch, self.samples)
         if self.in_flight is not None and self.in_flight.control is not None and self.in_flight.control.done():
             self._finish(self.in_flight)
-        if self.needs_state or self.tracker.global_epoch > self.epoch + 1:  # failed, or more than a round behind
+        if self.tracker.global_epoch > self.epoch + 1:  # more than a round behind the swarm: catch up
             before = self.epoch
             self.load_state_from_peers()
             if self.epoch != before:
@@ -219,9 +220,10 @@ class DiLoCo:
             try:
                 deadline = self.matchmaking_time + self.averaging_timeout
                 control = self.averager.step(weight=float(max(samples, 1)), timeout=deadline, wait=False)
-            except Exception as err:  # could not even be scheduled: train on, catch up before the next round
+            except Exception as err:  # could not even be scheduled: its progress goes into the next round
                 log.warning("could not start the round of swarm step %d: %r", epoch, err)
-                self.needs_state = True
+                self.in_flight = None
+                return
         self.in_flight = Round(epoch=epoch, control=control, own=own, hand_off=hand_off)
         if control is None:  # alone: the outer step takes this peer's own progress, now
             self._finish(self.in_flight)
@@ -249,9 +251,8 @@ class DiLoCo:
                     average = [buffer.clone() for buffer in buffers]
         sent = int(2 * (group_size - 1) / group_size * self.wire_bytes) if outcome == "averaged" else 0
         self.rounds.append(RoundResult(pending.epoch, outcome, group_size, time.perf_counter() - pending.started, sent))
-        if outcome == "failed":
-            log.warning("the round of swarm step %d failed; training on, loading the shared state", pending.epoch)
-            self.needs_state = True
+        if outcome == "failed":  # not applied: its progress stays in the local parameters and joins the next round
+            log.warning("the round of swarm step %d failed; its progress goes into the next round", pending.epoch)
             return
         with torch.no_grad(), self.lock:
             for s, g in zip(self.shared, average, strict=True):
@@ -272,7 +273,6 @@ class DiLoCo:
             for param, shared in zip(self.params, self.shared, strict=True):
                 param.copy_(shared.to(param.device, param.dtype))
         self.writes += 1
-        self.needs_state = True
 
     def _rebase(self, base: Sequence[torch.Tensor]) -> None:
         """``local <- shared + (local - base)``: the local parameters follow ``shared``, keeping their progress
@@ -337,7 +337,6 @@ class DiLoCo:
     def load_state_from_peers(self) -> bool:
         """Download the shared state within ``load_state_timeout``; True if it moved this peer."""
         started = time.perf_counter()
-        self.needs_state = False
         deadline = time.monotonic() + self.load_state_timeout
         loaded = None
         while loaded is None and time.monotonic() < deadline:
@@ -453,7 +452,10 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
         self.opt.zero_grad(set_to_none=set_to_none)
 
     def _catch_up_schedule(self) -> None:
-        if self.scheduler is not None:
+        if self.scheduler is None:
+            return
+        with warnings.catch_warnings():  # a state download moves the schedule before the first optimizer step
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
             while self.scheduler.last_epoch < self.diloco.epoch:
                 self.scheduler.step()
 

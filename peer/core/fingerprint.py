@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 from collections import Counter
+from typing import Any
 
 import hivemind
 import pytorch_lightning as pl
@@ -22,14 +23,43 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
-from vitpeer.peer.core.config import ConfigError, ModelConfig
+from vitpeer.peer.core.config import ConfigError, RunConfig
 from vitpeer.peer.core.model import image_config
 from vitpeer.peer.core.records import RunFingerprint
 
 log = logging.getLogger(__name__)
 
-WIRE_FORMAT = 1
-"""Bump when what peers exchange changes shape or meaning (tensor order, extra tensors, state layout)."""
+WIRE_FORMAT = 2
+"""Bump when what peers exchange changes shape or meaning (tensor order, extra tensors, state layout, codecs).
+2: 8-bit tensors are vitpeer's blockwise codec (``core.quantization``)."""
+
+RUN_SETTINGS = (
+    "swarm.algorithm",
+    "swarm.target_batch_size",
+    "swarm.outer_lr",
+    "swarm.outer_momentum",
+    "swarm.sync_every",
+    "swarm.wire_compression",
+    "trainer.max_steps",
+    "optim.lr",
+    "optim.schedule",
+    "optim.warmup_steps",
+    "optim.min_lr_ratio",
+    "optim.weight_decay",
+)
+"""What every peer of a run must agree on besides the network: how they train together, how long, and the learning
+rate they follow (it is a function of the swarm step, so peers that disagree would step differently)."""
+
+
+def run_settings(config: RunConfig) -> dict[str, Any]:
+    """The values of ``RUN_SETTINGS`` in ``config``."""
+    found = {}
+    for key in RUN_SETTINGS:
+        section, name = key.split(".")
+        found[key] = getattr(getattr(config, section), name)
+    return found
+
+
 TTL = 60.0
 """Seconds a published fingerprint lives; refreshed every ``TTL / 3`` while its peer runs."""
 
@@ -38,9 +68,12 @@ def fingerprint_key(run_id: str) -> str:
     return f"{run_id}_fingerprint"
 
 
-def run_fingerprint(net: torch.nn.Module, model: ModelConfig, classes: int) -> RunFingerprint:
-    """The fingerprint of a peer that trains ``net``: every tensor's name, shape and dtype, the image size, the
-    number of classes and ``WIRE_FORMAT``, hashed. Model kwargs (depth, patch size...) show in the shapes."""
+def run_fingerprint(net: torch.nn.Module, config: RunConfig, classes: int, settings: bool = True) -> RunFingerprint:
+    """The fingerprint of a peer that trains ``net`` under ``config``: its ``digest`` hashes every tensor's name,
+    shape and dtype, the image size, the number of classes and ``WIRE_FORMAT`` (model kwargs such as depth or patch
+    size show in the shapes); ``hyperparameters`` holds the run settings (``RUN_SETTINGS``), compared one by one.
+    The coordinator publishes none (``settings=False``): it follows whatever the peers train with."""
+    model = config.model
     img_size = image_config(net, model)["input_size"][-1]
     layout = [(name, list(tensor.shape), str(tensor.dtype)) for name, tensor in net.state_dict().items()]
     text = json.dumps({"wire": WIRE_FORMAT, "img": img_size, "classes": classes, "tensors": layout})
@@ -53,6 +86,7 @@ def run_fingerprint(net: torch.nn.Module, model: ModelConfig, classes: int) -> R
         img_size=img_size,
         classes=classes,
         wire_format=WIRE_FORMAT,
+        hyperparameters=json.dumps(run_settings(config) if settings else {}, sort_keys=True),
     )
 
 
@@ -82,6 +116,16 @@ def refuse_mismatch(dht: hivemind.DHT, run_id: str, mine: RunFingerprint) -> int
             "averaging, so it does not join. Use the run's config (--coordinator URL, or the same --config and "
             "flags), or another --run-id"
         )
+    ours = json.loads(mine.hyperparameters)
+    for found in theirs:
+        run = json.loads(found.hyperparameters)
+        differ = [key for key in sorted(ours) if run and key in run and ours[key] != run[key]]
+        if ours and differ:
+            named = "; ".join(f"{key} = {ours[key]!r} (the run: {run[key]!r})" for key in differ)
+            raise ConfigError(
+                f"run {run_id!r} trains with other settings: {named}. Every peer of a run must share them; use the "
+                "run's config (--coordinator URL, or the same --config and flags)"
+            )
     return len(theirs)
 
 

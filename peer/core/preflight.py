@@ -66,6 +66,11 @@ def check_swarm_trainer(config: RunConfig) -> None:
             "trainer.early_stopping_patience: a swarm step belongs to every peer, so one peer cannot stop the run "
             "early; set trainer.max_steps (or stop a volunteer with Ctrl-C) instead"
         )
+    if config.swarm.algorithm == "diloco" and config.parallel.strategy != "single":
+        raise ConfigError(
+            f"parallel.strategy = {config.parallel.strategy!r}: several local ranks in one diloco peer are not "
+            "supported yet; use --local-strategy single (one device per peer), or --algorithm gradient"
+        )
 
 
 def check_model(name: str) -> None:

@@ -64,6 +64,8 @@ class RunFingerprint(BaseModel):
     img_size: conint(strict=True, gt=0)
     classes: conint(strict=True, gt=0)
     wire_format: conint(strict=True, ge=0)
+    hyperparameters: constr(strict=True, max_length=2000) = "{}"
+    """The run-level settings every peer must share (``core.fingerprint.RUN_SETTINGS``), as sorted JSON."""
 
     def describe(self) -> str:
         return (
