@@ -26,11 +26,14 @@ from typing import Any
 import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage
-from hivemind.compression import Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.compression import Float16Compression, NoCompression
 from hivemind.p2p import P2P
 
+from vitpeer.peer.core.hivemind_adapters import use_our_8bit_codec
+from vitpeer.peer.core.quantization import Blockwise8BitCompression
+
 NUMEL = 86_567_656  # vit_base_patch16_224's parameters
-COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}
+COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression, "8bit": Blockwise8BitCompression}
 
 
 def loopback_bytes() -> int:
@@ -111,6 +114,7 @@ def p2p_relay_seconds(nbytes: int, chunk: int = 1 << 20) -> float:
 
 def allreduce_rounds(compression: str, numel: int = NUMEL, rounds: int = 3) -> list[dict[str, float]]:
     """``rounds`` all-reduce rounds between two averagers; per round: matchmaking s, all-reduce s, loopback bytes."""
+    use_our_8bit_codec()  # as every vitpeer peer does before its averagers start
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     second = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
     options = dict(

@@ -23,7 +23,7 @@ import torch
 
 from vitpeer.peer.core.options import setup_logging
 
-BENCHES = ("overhead", "utilisation", "averaging", "convergence", "gpu")
+BENCHES = ("overhead", "utilisation", "scaling", "averaging", "convergence", "gpu")
 
 
 def machine() -> dict[str, Any]:
@@ -52,6 +52,13 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         util = results["utilisation"]
         shown = f"{util['share']:.2f} ({util['seconds_per_swarm_step']:.2f} s per swarm step)"
         add("swarm utilisation, 2 peers: compute / wall", util["share"], shown, ">= 0.90", lambda v: v >= 0.90)
+    for name, case in results.get("scaling", {}).items():
+        one, two = case["one_peer"], case["two_peers"]
+        shown = (
+            f"{case['speedup']:.2f} ({two['swarm_samples_per_s']:.0f} / {one['swarm_samples_per_s']:.0f} samples/s; "
+            f"accuracy {two['test_accuracy']:.3f} / {one['test_accuracy']:.3f})"
+        )
+        add(f"scaling, {name}: 2 peers / 1, a core each", case["speedup"], shown, ">= 1.8", lambda v: v >= 1.8)
     if "averaging" in results:
         avg = results["averaging"]
         for name, case in avg["compressions"].items():
@@ -113,6 +120,13 @@ def main(only: tuple[str, ...], json_path: Path, convergence_steps: int) -> None
         from benchmarks import utilisation
 
         results["utilisation"] = utilisation.run()
+    if "scaling" in chosen:
+        from benchmarks import scaling
+
+        results["scaling"] = {
+            "diloco": scaling.run("digits_tiny_diloco"),
+            "gradient": scaling.run("digits_tiny", 60),
+        }
     if "averaging" in chosen:
         from benchmarks import averaging
 

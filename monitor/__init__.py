@@ -3,12 +3,11 @@
 Files, from the host up to the swarm:
 
 - ``host.py``: this host's GPUs through NVML (utilization, memory, power, temperature) and this process's CPU share.
-- ``peer.py``: a training peer's exporter (``vitpeer join --metrics-port``): samples, loss, swarm epoch and size,
+- ``exporter.py``: a training peer's exporter (``vitpeer join --metrics-port``): samples, loss, swarm epoch and size,
   averaging rounds and their duration, state downloads; plus ``vitpeer_peer_info``.
 - ``swarm.py``: swarm series from the peers' signed DHT records (alive peers, swarm samples/s, epoch, loss, one
   series per peer) and the coordinator's checkpoint series; served on the coordinator's ``/metrics``.
-- ``run.py``: ``vitpeer monitor``, the swarm series without a coordinator.
-- ``serve.py``: the read-only HTTP server of every endpoint (GET/HEAD; bounded request size, time, connections).
+- ``run.py``: ``vitpeer monitor``, the swarm series without a coordinator; ``cli.py``: its command line.
 - ``grafana/``: dashboard JSON and provisioning; ``prometheus.yml`` and ``compose.yaml``: a local stack.
 
 Names follow Prometheus conventions: the ``vitpeer_`` prefix, base units (``_seconds``, ``_bytes``, ``_watts``,

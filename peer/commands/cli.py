@@ -16,7 +16,7 @@ from vitpeer.peer.commands import doctor, flops
 from vitpeer.peer.core import preflight
 from vitpeer.peer.core.config import RunConfig
 from vitpeer.peer.core.options import (
-    DEFAULT_CONFIG,
+    DEMO_CONFIG,
     FLAGS_OVER_FILE,
     JOIN_FLAGS,
     TRAIN_FLAGS,
@@ -106,7 +106,7 @@ def train(config_file: str | None, verbose: bool, **options: Any) -> None:
 
 @click.command()
 @click.option("--peers", type=click.IntRange(1, 16), default=2, show_default=True, help="Peers in the local swarm.")
-@click.option("--config", "config_file", default=DEFAULT_CONFIG, show_default=True, help="Experiment YAML.")
+@click.option("--config", "config_file", default=DEMO_CONFIG, show_default=True, help="Experiment YAML.")
 @click.option("--max-steps", type=int, help="Swarm steps to train (default: the config's).")
 @click.option(
     "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("outputs/demo"), show_default=True

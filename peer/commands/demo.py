@@ -44,22 +44,33 @@ def _relay(index: int, stream, log_file: Path) -> None:
 
 
 def run_demo(
-    peers: int, config: str, output_dir: Path, max_steps: int | None = None, module: str = "vitpeer.peer.cli"
+    peers: int,
+    config: str,
+    output_dir: Path,
+    max_steps: int | None = None,
+    module: str = "vitpeer.peer.cli",
+    pin_cores: bool = False,
 ) -> float | None:
     """Run the local swarm to the end; return the peers' mean test accuracy, or None if a peer failed. ``module``:
-    what each peer runs with ``python -m`` (the benchmarks use a timed ``vitpeer``)."""
+    what each peer runs with ``python -m`` (the benchmarks use a timed ``vitpeer``); ``pin_cores``: peer i runs on
+    core i alone (``taskset``), one thread, as volunteers on separate machines would (``benchmarks.scaling``)."""
     started = time.monotonic()
     bootstrap = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     initial_peers = [str(addr) for addr in bootstrap.get_visible_maddrs()]
     print(f"demo: {peers} peers on 127.0.0.1, meeting at {initial_peers[0]}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // peers)), PYTHONUNBUFFERED="1")
+    cores = os.cpu_count() or 1
+    threads = 1 if pin_cores else max(1, cores // peers)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     processes, relays = [], []
     try:
         for index in range(1, peers + 1):
             peer_dir = output_dir / f"peer-{index}"
             peer_dir.mkdir(parents=True, exist_ok=True)
+            command = peer_command(config, initial_peers, peer_dir, max_steps, module)
+            if pin_cores:
+                command = ["taskset", "--cpu-list", str((index - 1) % cores), *command]
             process = subprocess.Popen(
-                peer_command(config, initial_peers, peer_dir, max_steps, module),
+                command,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

@@ -338,17 +338,18 @@ class DiLoCo:
         """Download the shared state within ``load_state_timeout``; True if it moved this peer."""
         started = time.perf_counter()
         deadline = time.monotonic() + self.load_state_timeout
-        loaded = None
-        while loaded is None and time.monotonic() < deadline:
+        loaded, empty = None, 0
+        while loaded is None and empty < 3 and time.monotonic() < deadline:
             try:
                 loaded = self.averager.load_state_from_peers(timeout=max(1.0, deadline - time.monotonic()))
-            except Exception as err:
+                empty += loaded is None  # nobody offered a state (a new swarm), or every offer failed
+            except Exception as err:  # a download timed out: try again until the deadline
                 log.debug("a state download failed: %r", err)
             if loaded is None and time.monotonic() < deadline:
                 time.sleep(0.5)
         self.wait_seconds += time.perf_counter() - started
         if loaded is None:
-            log.warning("could not download the shared state within %.0f s; training on", self.load_state_timeout)
+            log.info("no peer offered the shared state; training on from this peer's own")
             return False
         metadata, tensors = loaded
         expected = [s.shape for s in self.shared] * 2

@@ -29,6 +29,7 @@ from pydantic.fields import FieldInfo
 from vitpeer.peer.core.config import ConfigError, RunConfig, load_config
 
 DEFAULT_CONFIG = "digits_tiny"
+DEMO_CONFIG = "digits_tiny_diloco"  # the demo shows the algorithm that makes a second peer count
 OUR_LOGGER = "vitpeer"  # our modules' log records are our progress lines, on stdout
 COORDINATOR_TIMEOUT = 60.0
 """Default seconds of ``--coordinator-timeout``: how long join and monitor retry a coordinator that does not answer."""

@@ -13,14 +13,14 @@ from vitpeer.peer.commands.demo import run_demo
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.timeout(840)
-def test_two_peer_demo_reaches_90_percent_with_identical_parameters(tmp_path: Path):
-    """The shipped demo, whole: 200 swarm steps of 256 samples measured 0.941 in 365 s here. (Before, 300 steps of
-    128 measured 0.955 and 0.959 but took about 9 minutes of the suite; 150 steps of 256 measured 0.919 twice, too
-    close to the bar.)"""
-    accuracy = run_demo(2, "digits_tiny", tmp_path)
-    assert accuracy is not None and accuracy >= 0.90
+@pytest.mark.timeout(400)
+def test_two_peer_demo_learns_digits_with_identical_parameters(tmp_path: Path):
+    """The shipped demo, whole: 2 diloco peers, 50 swarm steps of 1024 samples (``digits_tiny_diloco``), measured
+    0.926 in 74 s here (the gradient algorithm's demo, 200 steps of 256, measured 0.941 in 365 s). Both peers end
+    with the same parameters: the last exact sync of the shared state comes after the last round."""
+    accuracy = run_demo(2, "digits_tiny_diloco", tmp_path)
+    assert accuracy is not None and accuracy >= 0.85
     states = [torch.load(tmp_path / f"peer-{i}" / "checkpoints" / "last.ckpt", weights_only=False) for i in (1, 2)]
-    assert states[0]["swarm_epoch"] == states[1]["swarm_epoch"] == 200
+    assert states[0]["swarm_epoch"] == states[1]["swarm_epoch"] == 50
     for name, tensor in states[0]["state_dict"].items():
         torch.testing.assert_close(tensor, states[1]["state_dict"][name], rtol=0, atol=1e-5, msg=name)
