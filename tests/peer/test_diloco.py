@@ -96,10 +96,11 @@ def test_two_diloco_peers_learn_and_end_with_the_same_parameters(scenario):
         assert found["test_accuracy"] >= 0.3, found
     losses = [loss for _, _, loss in steps(root / "a" / "log.txt")]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
-    states = [torch.load(root / name / "checkpoints" / "last.ckpt", weights_only=False) for name in ("a", "b", "late")]
+    # a and b end together, so the exact sync after the last round holds both (the late joiner may end after they
+    # left: its last sync then finds no one, and it keeps its own last round)
+    states = [torch.load(root / name / "checkpoints" / "last.ckpt", weights_only=False) for name in ("a", "b")]
     for name, tensor in states[0]["state_dict"].items():
-        for other in states[1:]:
-            torch.testing.assert_close(tensor, other["state_dict"][name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(tensor, states[1]["state_dict"][name], rtol=0, atol=1e-5, msg=name)
 
 
 def test_rounds_averaged_with_the_others(scenario):
@@ -120,6 +121,8 @@ def test_a_late_joiner_enters_with_the_shared_state(scenario):
     found = re.search(r"loaded the shared state at swarm step (\d+)", scenario["late_log"])
     assert found, scenario["late_log"][-3000:]
     assert int(found.group(1)) >= scenario["late_started_at"]
+    late = results(scenario["root"], "late")
+    assert late["swarm_epoch"] == STEPS and late["test_accuracy"] >= 0.3, late
 
 
 def test_a_peer_with_other_run_settings_is_refused_naming_the_field(scenario):
