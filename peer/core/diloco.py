@@ -305,15 +305,19 @@ class DiLoCo:
             ]
             return {"epoch": self.epoch}, [s.clone() for s in self.shared] + momentum
 
-    def _take_outer_state(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Replace ``shared`` and the momentum, and move the local parameters with them."""
+    def _set_outer_state(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Replace ``shared`` and the outer momentum with ``tensors`` (``outer_state``'s layout)."""
         count = len(self.shared)
-        base = [s.clone() for s in self.shared]
         with torch.no_grad(), self.lock:
             for s, value in zip(self.shared, tensors[:count], strict=True):
                 s.copy_(value)
             for s, value in zip(self.shared, tensors[count:], strict=True):
                 self.outer.state[s]["momentum_buffer"] = value.clone()
+
+    def _take_outer_state(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Replace ``shared`` and the momentum, and move the local parameters with them."""
+        base = [s.clone() for s in self.shared]
+        self._set_outer_state(tensors)
         self._rebase(base)
 
     def sync_shared(self) -> bool:
@@ -371,12 +375,7 @@ class DiLoCo:
 
     def restore(self, epoch: int, tensors: Sequence[torch.Tensor]) -> None:
         """A checkpoint's shared state (the local parameters come back with the module's own weights)."""
-        count = len(self.shared)
-        with torch.no_grad(), self.lock:
-            for s, value in zip(self.shared, tensors[:count], strict=True):
-                s.copy_(value)
-            for s, value in zip(self.shared, tensors[count:], strict=True):
-                self.outer.state[s]["momentum_buffer"] = value.clone()
+        self._set_outer_state(tensors)
         with self.tracker.pause_updates():
             self.epoch = self.tracker.update_epoch(epoch)
         self.averager.state_sharing_priority = float(self.epoch)
