@@ -2,7 +2,8 @@
 
 Layout of ``<state-dir>/checkpoints/``::
 
-    step_00000120.pt     torch.save({"model", "optimizer", "swarm_epoch"})
+    step_00000120.pt     torch.save(SwarmState.state_dict()): "algorithm", "model", "swarm_epoch", and the
+                         algorithm's own: "optimizer" (gradient) or "outer_momentum" (diloco)
     step_00000120.json   the sidecar, written last: swarm epoch, samples seen, peers, config hash, time, size,
                          sha256, validation loss and accuracy. A .pt without its sidecar is incomplete.
     *.tmp                a write in progress, or one cut off by a crash: removed at start, never loaded

@@ -1,10 +1,18 @@
-"""The run's model and optimizer as the coordinator holds them: downloaded from peers, evaluated, served to joiners.
+"""The run's state as the coordinator holds it: downloaded from peers, evaluated, checkpointed, served to joiners.
 
-The coordinator keeps the collaborative state in a hivemind ``TrainingStateAverager`` under the same prefix as the
-peers' ``hivemind.Optimizer`` (``<run_id>_state_averager``), with the same tensors in the same order. It never joins
-an averaging round (it never calls ``step``); it only
+The coordinator speaks the state protocol of the run's algorithm (``swarm.algorithm``), one class each behind one
+interface (``SwarmState``; ``open_swarm_state`` picks):
 
-- downloads the state from the most advanced peer (``download``), and
+- ``GradientState``: a hivemind ``TrainingStateAverager`` under the prefix of the peers' ``hivemind.Optimizer``
+  (``<run_id>_state_averager``), with the same tensors in the same order: parameters, optimizer statistics, swarm step.
+- ``DiLoCoState``: the ``OuterAverager`` of ``core.diloco`` under ``<run_id>_diloco``: the shared parameters (fp32)
+  then the outer momentum, both in the order of the module's optimizer parameter groups (``DiLoCo.outer_state``),
+  and the swarm step as ``{"epoch": N}``. The peers' own inner optimizers are theirs alone: nothing to keep.
+
+Either way the coordinator never joins an averaging round (it never calls ``step``); it only
+
+- downloads the state from the most advanced peer (``download``) into its network (``net``) for evaluation and export,
+- writes it as a checkpoint (``state_dict``) and reads it back after a restart (``load_state_dict``), and
 - offers its own copy to peers that join (``share``), with a priority just below a live peer at the same step, so a
   joiner asks live peers first and the coordinator when everyone has left.
 """
@@ -14,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 import warnings
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -27,8 +36,9 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vitpeer.peer.core.config import RunConfig
+from vitpeer.peer.core.config import ConfigError, RunConfig
 from vitpeer.peer.core.data import num_classes
+from vitpeer.peer.core.diloco import OuterAverager
 from vitpeer.peer.core.hivemind_adapters import catch_up_scheduler
 from vitpeer.peer.core.model import ImageClassifier, build_model
 from vitpeer.peer.core.strategy import COMPRESSION, factory_form
@@ -37,9 +47,16 @@ log = logging.getLogger(__name__)
 
 
 class SwarmState:
-    """The model, optimizer and swarm step (hivemind epoch) of the run, as the coordinator last saw them."""
+    """The run's network and swarm step as the coordinator last saw them, and the averager that moves them.
 
-    def __init__(self, config: RunConfig, dht: hivemind.DHT):
+    Subclasses speak one algorithm's protocol; ``run.py`` uses only what is defined here."""
+
+    algorithm: str
+    """``swarm.algorithm`` of the runs this class serves; written into every checkpoint."""
+    averager: hivemind.DecentralizedAverager
+    """Downloads the state and serves it, under the prefix the peers of ``algorithm`` use."""
+
+    def __init__(self, config: RunConfig):
         pl.seed_everything(config.trainer.seed, verbose=False)
         model = config.model.model_copy(update={"pretrained": False, "weights": None})  # weights come from peers
         self.num_classes = num_classes(config.data)
@@ -47,7 +64,56 @@ class SwarmState:
         built = ImageClassifier(
             self.net, self.num_classes, config.optim, config.trainer.max_steps
         ).configure_optimizers()
-        params, optimizer, scheduler = factory_form(built["optimizer"], built["lr_scheduler"]["scheduler"])
+        self.optimizer, self.scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+        """The module's optimizer and schedule, as every peer builds them: their parameter groups fix the order in
+        which peers send the parameters."""
+
+    @property
+    def epoch(self) -> int:
+        raise NotImplementedError
+
+    def download(self, timeout: float) -> bool:
+        """Fetch the newest state from the peers within ``timeout`` s; True if it moved us to a newer step."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds: ``algorithm``, ``model`` (the network's state dict), ``swarm_epoch``, and the
+        algorithm's own optimizer state."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint (after a coordinator restart) and serve it."""
+        written_by = state.get("algorithm", "gradient")  # checkpoints from before the diloco coordinator
+        if written_by != self.algorithm:
+            raise ConfigError(
+                f"the checkpoints in this state directory are of a {written_by!r} run, and swarm.algorithm is "
+                f"{self.algorithm!r}: give this run its own --state-dir"
+            )
+
+    def share(self) -> None:
+        """Offer this state to joining peers (below a live peer at the same step, above any peer behind it)."""
+        self.averager.state_sharing_priority = self.epoch - 0.5
+        self.averager.allow_state_sharing = True
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()
+
+
+def open_swarm_state(config: RunConfig, dht: hivemind.DHT) -> SwarmState:
+    """The ``SwarmState`` that speaks ``config.swarm.algorithm``'s protocol, started on ``dht``."""
+    kind = DiLoCoState if config.swarm.algorithm == "diloco" else GradientState
+    return kind(config, dht)
+
+
+class GradientState(SwarmState):
+    """``swarm.algorithm = gradient``: model, optimizer and swarm step (hivemind epoch) in a
+    ``TrainingStateAverager``."""
+
+    algorithm = "gradient"
+
+    def __init__(self, config: RunConfig, dht: hivemind.DHT):
+        super().__init__(config)
+        params, optimizer, scheduler = factory_form(self.optimizer, self.scheduler)
         self.averager = TrainingStateAverager(
             dht=dht,
             prefix=f"{config.swarm.run_id}_state_averager",  # hivemind.Optimizer's prefix for the same state
@@ -64,7 +130,6 @@ class SwarmState:
         return self.averager.local_epoch
 
     def download(self, timeout: float) -> bool:
-        """Fetch the newest state from the peers within ``timeout`` s; True if it moved us to a newer step."""
         before = self.epoch
         try:
             with _scheduler_catch_up():
@@ -76,21 +141,17 @@ class SwarmState:
         self.share()
         return True
 
-    def share(self) -> None:
-        """Offer this state to joining peers (below a live peer at the same step, above any peer behind it)."""
-        self.averager.state_sharing_priority = self.epoch - 0.5
-        self.averager.allow_state_sharing = True
-
     def state_dict(self) -> dict[str, Any]:
         with self.averager.lock_averaged_tensors:
             return {
+                "algorithm": self.algorithm,
                 "model": self.net.state_dict(),
                 "optimizer": self.averager.optimizer.state_dict(),
                 "swarm_epoch": self.epoch,
             }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a checkpoint (after a coordinator restart) and serve it."""
+        super().load_state_dict(state)
         with torch.no_grad(), self.averager.lock_averaged_tensors:
             self.net.load_state_dict(state["model"])
             self.averager.optimizer.load_state_dict(state["optimizer"])
@@ -99,8 +160,86 @@ class SwarmState:
             catch_up_scheduler(self.averager)  # hivemind's own catch-up: scheduler steps == local epoch
         self.share()
 
-    def shutdown(self) -> None:
-        self.averager.shutdown()
+
+class DiLoCoState(SwarmState):
+    """``swarm.algorithm = diloco``: the shared parameters (kept in ``net``), the outer momentum and the swarm step,
+    downloaded and served in ``DiLoCo.outer_state``'s layout."""
+
+    algorithm = "diloco"
+
+    def __init__(self, config: RunConfig, dht: hivemind.DHT):
+        super().__init__(config)
+        self.params = [param for group in self.optimizer.param_groups for param in group["params"]]
+        """The network's parameters in the order peers send them (``DiLoCo`` takes the same groups' parameters)."""
+        self.momentum = [torch.zeros_like(param, dtype=torch.float32) for param in self.params]
+        self._epoch = 0
+        self.lock = threading.Lock()  # the poll thread downloads; hivemind's thread serves (``_served``)
+        self.averager = OuterAverager(  # the peers' class: hivemind names the download protocol after it
+            self._served,
+            averaged_tensors=[torch.zeros(1)],  # never averages: what it serves is ``_served``'s
+            dht=dht,
+            prefix=f"{config.swarm.run_id}_diloco",  # DiLoCo's prefix for the same state
+            allow_state_sharing=False,  # nothing worth serving until a download or a checkpoint
+            start=True,
+        )
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def download(self, timeout: float) -> bool:
+        try:
+            loaded = self.averager.load_state_from_peers(timeout=timeout)
+        except FutureTimeout as err:
+            raise TimeoutError(f"no peer sent its state within {timeout:.0f} s") from err
+        if loaded is None:  # no peer offers its state, or every offer failed
+            return False
+        metadata, tensors = loaded
+        epoch = int(metadata["epoch"])
+        if epoch <= self.epoch:
+            return False
+        self._take(epoch, tensors[: len(self.params)], tensors[len(self.params) :])
+        self.share()
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "algorithm": self.algorithm,
+                "model": self.net.state_dict(),  # the shared parameters (fp32, as the coordinator's network is)
+                "outer_momentum": [momentum.clone() for momentum in self.momentum],
+                "swarm_epoch": self.epoch,
+            }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        name_of = {param: name for name, param in self.net.named_parameters()}
+        shared = [state["model"][name_of[param]] for param in self.params]
+        self._take(int(state["swarm_epoch"]), shared, state["outer_momentum"])
+        self.share()
+
+    def _take(self, epoch: int, shared: list[torch.Tensor], momentum: list[torch.Tensor]) -> None:
+        """Take ``shared`` into the network and ``momentum`` as the outer momentum, at swarm step ``epoch``; refuse
+        (ValueError) a state of other shapes or with NaN/Inf, as a peer does."""
+        expected = [param.shape for param in self.params]
+        if [t.shape for t in shared] != expected or [t.shape for t in momentum] != expected:
+            raise ValueError(
+                f"the state of swarm step {epoch} holds {len(shared) + len(momentum)} tensors of other shapes than "
+                f"this run's network (2 x {len(expected)}): is a peer training another model under this run id?"
+            )
+        if not all(torch.isfinite(t).all() for t in [*shared, *momentum]):
+            raise ValueError(f"the state of swarm step {epoch} holds NaN or Inf: not taken")
+        with torch.no_grad(), self.lock:
+            for param, value in zip(self.params, shared, strict=True):
+                param.copy_(value)
+            self.momentum = [value.to(torch.float32, copy=True) for value in momentum]
+            self._epoch = epoch
+
+    def _served(self) -> tuple[dict[str, int], list[torch.Tensor]]:
+        """(metadata, tensors) for a joining peer, in ``DiLoCo.outer_state``'s layout."""
+        with torch.no_grad(), self.lock:
+            shared = [param.detach().to(torch.float32, copy=True) for param in self.params]
+            return {"epoch": self.epoch}, shared + [momentum.clone() for momentum in self.momentum]
 
 
 @contextlib.contextmanager
