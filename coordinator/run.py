@@ -1,10 +1,10 @@
 """``vitpeer coordinator``: the whole loop, top to bottom.
 
-Start: DHT node with a persistent identity at a fixed port -> the run's model and optimizer (``SwarmState``) ->
-reload the newest complete checkpoint, if any -> HTTP API. Then, every ``poll_interval`` seconds until SIGTERM or
-Ctrl-C: read the peers' signed metrics records, append the history, and when a checkpoint is due, download the
-swarm's state, write it, evaluate it, commit it and export the best. One failure (a download, an evaluation, a
-write) is logged and counted in ``/status`` and tried again at the next interval; it never ends the run.
+Start: DHT node with a persistent identity at a fixed port -> the run's state, in the protocol of its algorithm
+(``open_swarm_state``) -> reload the newest complete checkpoint, if any -> HTTP API. Then, every ``poll_interval``
+seconds until SIGTERM or Ctrl-C: read the peers' signed metrics records, append the history, and when a checkpoint is
+due, download the swarm's state, write it, evaluate it, commit it and export the best. One failure (a download, an
+evaluation, a write) is logged and counted in ``/status`` and tried again at the next interval; it never ends the run.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from vitpeer.coordinator.api import ApiServer
 from vitpeer.coordinator.checkpoints import CheckpointStore, export_for_timm
 from vitpeer.coordinator.config import CoordinatorConfig
-from vitpeer.coordinator.state import SwarmState, evaluate
+from vitpeer.coordinator.state import evaluate, open_swarm_state
 from vitpeer.monitor.exporter import InfoCollector, host_registry
 from vitpeer.monitor.swarm import SwarmCollector
 from vitpeer.peer.core.config import RunConfig
@@ -71,7 +71,7 @@ class Coordinator:
         self.dht = start_dht(swarm)
         self.maddrs = reachable_maddrs(self.dht, swarm)
         (self.coord.state_dir / "initial_peers.txt").write_text("\n".join(self.maddrs) + "\n")
-        self.state = SwarmState(self.config, self.dht)
+        self.state = open_swarm_state(self.config, self.dht)
         self.store.remove_partial()
         restored = self.store.load_newest()
         if restored is not None:
@@ -83,7 +83,8 @@ class Coordinator:
                 self.state.epoch,
             )
         self.registry = host_registry()  # /metrics: this host, the swarm's records, checkpoints
-        self.registry.register(InfoCollector(self.dht.peer_id.to_base58(), self.config.swarm.run_id, "coordinator"))
+        run = self.config.swarm
+        self.registry.register(InfoCollector(self.dht.peer_id.to_base58(), run.run_id, "coordinator", run.algorithm))
         self.registry.register(SwarmCollector(self.status))
         images = image_config(self.state.net, self.config.model)
         fingerprint = run_fingerprint(self.state.net, self.config, self.state.num_classes, settings=False)
@@ -190,8 +191,10 @@ class Coordinator:
     def status(self) -> dict[str, Any]:
         with self.lock:
             swarm, rejected, errors = dict(self.swarm), dict(self.rejected), dict(self.errors)
+        swarm.pop("algorithm")  # as the records say; the run's own is below (the peers' must match: fingerprint)
         return {
             "run_id": self.config.swarm.run_id,
+            "algorithm": self.config.swarm.algorithm,
             "config_hash": self.hash,
             **swarm,
             "state_epoch": self.state.epoch,

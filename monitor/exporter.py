@@ -2,7 +2,7 @@
 
 Series, besides the host's (``vitpeer.monitor.host``) and prometheus_client's standard ``process_*``::
 
-    vitpeer_peer_info{peer_id,run_id,version,strategy} 1
+    vitpeer_peer_info{peer_id,run_id,version,strategy,algorithm} 1
     vitpeer_samples_total                      samples this peer trained on (forward + backward)
     vitpeer_local_steps_total                  local steps (micro-batches)
     vitpeer_samples_per_second                 hivemind's moving average of this peer's throughput
@@ -12,12 +12,22 @@ Series, besides the host's (``vitpeer.monitor.host``) and prometheus_client's st
     vitpeer_swarm_samples_accumulated          samples the swarm gathered toward the next step
     vitpeer_target_batch_size                  samples per swarm step
     vitpeer_averaging_rounds_total{outcome}    averaged | failed | alone (see ``core.events.SwarmEvents``)
-    vitpeer_averaging_round_duration_seconds   histogram: gradients handed over -> round finished
+    vitpeer_averaging_round_duration_seconds   histogram: (pseudo-)gradients handed over -> round finished
+    vitpeer_averaging_sent_bytes_total         estimated bytes sent in averaged rounds: 2 (N - 1) / N of the
+                                               tensors as compressed, per round among N peers (state rounds,
+                                               diloco's exact syncs and state downloads not counted)
+    vitpeer_swarm_wait_seconds_total           the training thread blocked on the swarm (diloco: a round still in
+                                               flight when the next is due, syncs, downloads; gradient: each step's
+                                               gradient all-reduce unless --overlap, downloads)
+    vitpeer_compute_seconds_total              local steps' wall time less the time blocked inside them
     vitpeer_state_downloads_total{outcome}     loaded | current | failed
     vitpeer_batches_skipped_total{reason}      nonfinite: local batches whose NaN/Inf gradients were not sent
 
 The training numbers are read from the trainer at scrape time (nothing is added to the training step); rounds and
-downloads are counted as the strategy reports them.
+downloads are counted as the strategy reports them. The bytes, wait and compute totals are the ones the peer
+publishes in its DHT record (``core.events.SwarmTotals``, ``core.reporter``), so the coordinator shows the same.
+Bytes per averaged round: ``rate(vitpeer_averaging_sent_bytes_total) / rate(vitpeer_averaging_rounds_total{outcome=
+"averaged"})``; share of time blocked: ``rate(wait) / (rate(wait) + rate(compute))``.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from vitpeer.monitor.host import HostCollector, Nvml
+from vitpeer.peer.core.diloco import DiLoCoOptimizer
 from vitpeer.peer.core.events import SwarmEvents
 from vitpeer.peer.core.hivemind_adapters import SwarmOptimizer
 from vitpeer.peer.core.records import vitpeer_version
@@ -45,14 +56,17 @@ ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class InfoCollector(Collector):
-    """``vitpeer_peer_info{peer_id,run_id,version,strategy} 1``: joins this process's series to its peer id."""
+    """``vitpeer_peer_info{peer_id,run_id,version,strategy,algorithm} 1``: joins this process's series to its peer id;
+    ``algorithm`` is the run's ``swarm.algorithm`` (``diloco`` or ``gradient``)."""
 
-    def __init__(self, peer_id: str, run_id: str, strategy: str):
-        self.labels = [peer_id, run_id, vitpeer_version(), strategy]
+    def __init__(self, peer_id: str, run_id: str, strategy: str, algorithm: str):
+        self.labels = [peer_id, run_id, vitpeer_version(), strategy, algorithm]
 
     def collect(self) -> Iterator[Metric]:
         info = GaugeMetricFamily(
-            "vitpeer_peer_info", "This process in the swarm", labels=["peer_id", "run_id", "version", "strategy"]
+            "vitpeer_peer_info",
+            "This process in the swarm",
+            labels=["peer_id", "run_id", "version", "strategy", "algorithm"],
         )
         info.add_metric(self.labels, 1)
         yield info
@@ -70,6 +84,7 @@ class PeerExporter(SwarmEvents):
     """Counts the strategy's events and, once ``watch`` is called, reads the training numbers at every scrape."""
 
     def __init__(self):
+        super().__init__()  # the totals the reporter publishes, and the byte and time counters below
         self.registry = host_registry()
         self.rounds = Counter(
             "vitpeer_averaging_rounds", "Gradient averaging rounds by outcome", ["outcome"], registry=self.registry
@@ -95,19 +110,22 @@ class PeerExporter(SwarmEvents):
         for outcome in DOWNLOAD_OUTCOMES:
             self.downloads.labels(outcome)
 
-    def averaging_round(self, outcome: str, seconds: float | None) -> None:
+    def averaging_round(self, outcome: str, seconds: float | None, sent_bytes: int = 0) -> None:
+        super().averaging_round(outcome, seconds, sent_bytes)
         self.rounds.labels(outcome).inc()
         if seconds is not None:
             self.round_seconds.observe(seconds)
 
     def state_download(self, outcome: str, seconds: float) -> None:
+        super().state_download(outcome, seconds)
         self.downloads.labels(outcome).inc()
 
     def batch_skipped(self, reason: str) -> None:
+        super().batch_skipped(reason)
         self.skipped.labels(reason).inc()
 
     def watch(self, peer_id: str, run_id: str, strategy: HivemindStrategy, reporter: SwarmReporter) -> None:
-        self.registry.register(InfoCollector(peer_id, run_id, strategy.strategy_name))
+        self.registry.register(InfoCollector(peer_id, run_id, strategy.strategy_name, strategy.swarm.algorithm))
         self.registry.register(TrainingCollector(strategy, reporter))
 
 
@@ -121,12 +139,28 @@ class TrainingCollector(Collector):
         reporter = self.reporter
         yield CounterMetricFamily("vitpeer_samples", "Samples this peer trained on", value=reporter.samples)
         yield CounterMetricFamily("vitpeer_local_steps", "Local steps (micro-batches)", value=reporter.mini_steps)
+        costs = reporter.swarm_costs()  # what its next DHT record will say
+        yield CounterMetricFamily(
+            "vitpeer_averaging_sent_bytes",
+            "Estimated bytes this peer sent in averaged rounds: 2 (N - 1) / N of its tensors as compressed, per round",
+            value=costs["sent_bytes"],
+        )
+        yield CounterMetricFamily(
+            "vitpeer_swarm_wait_seconds",
+            "Seconds the training thread was blocked on the swarm (rounds, syncs, state downloads)",
+            value=costs["wait_seconds"],
+        )
+        yield CounterMetricFamily(
+            "vitpeer_compute_seconds",
+            "Seconds of local steps (forward, backward, optimizer) less the time blocked on the swarm inside them",
+            value=costs["compute_seconds"],
+        )
         if reporter.last is not None and reporter.last["loss"] is not None:
             yield GaugeMetricFamily(
                 "vitpeer_loss", "Mean training loss per sample over the last swarm step", value=reporter.last["loss"]
             )
         optimizers = self.strategy.optimizers
-        if not optimizers or not isinstance(optimizers[0], SwarmOptimizer):
+        if not optimizers or not isinstance(optimizers[0], SwarmOptimizer | DiLoCoOptimizer):
             return  # before fit: the swarm optimizer does not exist yet
         opt = optimizers[0]
         progress = opt.tracker.global_progress

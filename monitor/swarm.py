@@ -3,8 +3,13 @@
 ``SwarmCollector`` reads a status dict (the coordinator's ``/status`` shape) at scrape time::
 
     vitpeer_swarm_alive_peers, vitpeer_swarm_epoch, vitpeer_swarm_samples_per_second, vitpeer_swarm_loss
-    vitpeer_swarm_peer_info{peer_id,version,hardware} 1
+    vitpeer_swarm_peer_info{peer_id,version,hardware,algorithm} 1
     vitpeer_swarm_peer_epoch / _samples_per_second / _loss / _samples_total / _report_age_seconds {peer_id}
+    vitpeer_swarm_peer_rounds_total / _averaged_rounds_total / _sent_bytes_total / _averaging_seconds_total /
+        _wait_seconds_total / _compute_seconds_total {peer_id}
+                                               what the swarm cost each peer (``core.events.SwarmTotals``): its
+                                               rounds, estimated bytes sent, averaging time, time blocked on the
+                                               swarm and computing, as its own exporter counts them
     vitpeer_rejected_records_total{reason}     signature | schema: forged or malformed records refused
 
 and, when the status has checkpoints (the coordinator's)::
@@ -13,7 +18,8 @@ and, when the status has checkpoints (the coordinator's)::
     vitpeer_checkpoint_failures_total{stage}   download | evaluate | checkpoint
 
 Per-peer series come from the records, so organisers see every volunteer without scraping them (most are behind
-NAT); ``peer_id`` has one value per live peer.
+NAT); ``peer_id`` has one value per live peer. The costs stay per peer: a sum over the live peers would drop when one
+leaves, which a counter must not do; a dashboard sums their rates. ``/status`` has the run's sums and ratios.
 """
 
 from __future__ import annotations
@@ -59,9 +65,21 @@ class SwarmCollector(Collector):
             yield from _checkpoint_families(status["checkpoints"]["newest"], status.get("errors", {}))
 
 
+COSTS = {  # counters per peer, named after the record's fields: vitpeer_swarm_peer_<field>_total
+    "rounds": "Swarm steps the peer ended with an averaging round, any outcome",
+    "averaged_rounds": "Rounds in which the peer averaged with others",
+    "sent_bytes": "Estimated bytes the peer sent in averaged rounds",
+    "averaging_seconds": "Seconds of the peer's averaged rounds, hand-off to end",
+    "wait_seconds": "Seconds the peer's training thread was blocked on the swarm",
+    "compute_seconds": "Seconds the peer computed local steps, less the time blocked inside them",
+}
+
+
 def _peer_families(peers: list[dict[str, Any]]) -> Iterator[Metric]:
     info = GaugeMetricFamily(
-        "vitpeer_swarm_peer_info", "A peer with a live record", labels=["peer_id", "version", "hardware"]
+        "vitpeer_swarm_peer_info",
+        "A peer with a live record",
+        labels=["peer_id", "version", "hardware", "algorithm"],
     )
     gauges = {
         "epoch": ("step", "Swarm step the peer reported"),
@@ -74,15 +92,21 @@ def _peer_families(peers: list[dict[str, Any]]) -> Iterator[Metric]:
         for name, (_, text) in gauges.items()
     }
     samples = CounterMetricFamily("vitpeer_swarm_peer_samples", "Samples the peer contributed", labels=["peer_id"])
+    costs = {
+        key: CounterMetricFamily(f"vitpeer_swarm_peer_{key}", text, labels=["peer_id"]) for key, text in COSTS.items()
+    }
     for peer in peers:
-        info.add_metric([peer["peer_id"], peer["version"], peer["hardware"]], 1)
+        info.add_metric([peer["peer_id"], peer["version"], peer["hardware"], peer["algorithm"] or "unknown"], 1)
         samples.add_metric([peer["peer_id"]], peer["samples"])
         for name, (key, _) in gauges.items():
             if peer.get(key) is not None:
                 families[name].add_metric([peer["peer_id"]], peer[key])
+        for key, family in costs.items():
+            family.add_metric([peer["peer_id"]], peer[key])
     yield info
     yield samples
     yield from families.values()
+    yield from costs.values()
 
 
 def _checkpoint_families(newest: dict[str, Any] | None, errors: dict[str, int]) -> Iterator[Metric]:

@@ -11,7 +11,8 @@ What each adapter changes in hivemind, and the private names it touches:
 - ``SwarmOptimizer``, the ``hivemind.Optimizer`` that every peer's strategy steps:
   - the poison guard: ``_check_and_accumulate_gradients`` keeps a batch with NaN or Inf gradients out of the swarm.
   - round outcomes: ``_begin_averaging_gradients`` and ``_average_gradients_and_load_into_optimizer`` report each
-    gradient round to ``SwarmEvents``, because hivemind swallows a failed round and steps with local gradients.
+    gradient round to ``SwarmEvents``, because hivemind swallows a failed round and steps with local gradients;
+    with its estimated bytes sent and, when the training thread waited for it, its time as time blocked.
   - group sizes: ``_maybe_schedule_gradient_averaging`` and ``_maybe_schedule_state_averaging`` tell the averagers
     how many peers a full group has before hivemind schedules a round (see ``_GroupSized``).
   - our state averager: ``_make_state_averager`` lends hivemind's module global
@@ -42,12 +43,13 @@ import time
 
 import hivemind
 import torch
+from hivemind.compression import CompressionInfo
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.optim import grad_averager, state_averager
 from hivemind.optim import optimizer as hivemind_optimizer
 from hivemind.utils import get_dht_time
 
-from vitpeer.peer.core.events import SwarmEvents
+from vitpeer.peer.core.events import SwarmEvents, allreduce_bytes_sent
 
 log = logging.getLogger(__name__)
 
@@ -264,10 +266,23 @@ class SwarmOptimizer(hivemind.Optimizer):
         if maybe_step_control is None:
             self.events.averaging_round("alone", None)
             return
+        seconds = time.perf_counter() - started
+        if not self.delay_grad_averaging:  # hivemind waited for the round in the training thread, not in background
+            self.events.waited(seconds)
         # hivemind swallows a failed or timed-out round and steps with local gradients; the future tells which
         control = maybe_step_control
         averaged = control.done() and not control.cancelled() and control.exception() is None
-        self.events.averaging_round("averaged" if averaged else "failed", time.perf_counter() - started)
+        sent = allreduce_bytes_sent(self.gradient_wire_bytes(), len(control.result())) if averaged else 0
+        self.events.averaging_round("averaged" if averaged else "failed", seconds, sent)
+
+    def gradient_wire_bytes(self) -> float:
+        """Bytes of this peer's gradients as compressed for a round (an estimate: hivemind's compression ratio)."""
+        compression = self.grad_averager.allreduce_kwargs["compression"]
+        ratio = compression.estimate_compression_ratio
+        # one averaged gradient per parameter, of its shape and dtype
+        return sum(
+            p.numel() * p.element_size() * ratio(CompressionInfo.from_tensor(p)) for p in self.grad_averager.parameters
+        )
 
     def load_state_from_peers(self, **kwargs) -> None:
         started, before = time.perf_counter(), self.local_epoch
@@ -276,7 +291,9 @@ class SwarmOptimizer(hivemind.Optimizer):
             outcome = "failed"
         else:
             outcome = "loaded" if self.local_epoch > before else "current"
-        self.events.state_download(outcome, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.events.state_download(outcome, seconds)
+        self.events.waited(seconds)  # the training thread downloads: it cannot compute meanwhile
 
     def shutdown(self) -> None:
         super().shutdown()

@@ -53,6 +53,18 @@ class PeerReport(BaseModel):
     version: constr(strict=True, max_length=64)  # vitpeer version
     hardware: constr(strict=True, max_length=256)  # e.g. "cuda: NVIDIA H100 80GB HBM3 x1" or "cpu: 16 cores"
     time: confloat(strict=True)  # DHT time of the record
+    # What the swarm cost this peer since it started (``core.events.SwarmTotals``, ``SwarmReporter.swarm_costs``).
+    # The defaults only spare callers that leave them out; they buy no compatibility: hivemind's schema check refuses
+    # a record that does not parse into exactly itself, so nodes of this version refuse records without these
+    # fields (from older peers), and older nodes refuse records with them.
+    algorithm: constr(strict=True, max_length=32) | None = None  # swarm.algorithm: "diloco" or "gradient"
+    rounds: conint(ge=0, strict=True) = 0  # swarm steps ended with a round, any outcome
+    averaged_rounds: conint(ge=0, strict=True) = 0  # rounds that averaged with other peers
+    failed_rounds: conint(ge=0, strict=True) = 0  # rounds that ended in an error or a timeout
+    sent_bytes: conint(ge=0, strict=True) = 0  # estimated bytes sent in averaged rounds: 2 (N - 1) / N of its tensors
+    averaging_seconds: confloat(ge=0, strict=True) = 0.0  # total duration of the averaged rounds
+    wait_seconds: confloat(ge=0, strict=True) = 0.0  # the training thread blocked on the swarm
+    compute_seconds: confloat(ge=0, strict=True) = 0.0  # local steps' time, less the time blocked inside them
 
 
 class RunFingerprint(BaseModel):
@@ -168,17 +180,53 @@ def read_reports(dht: hivemind.DHT, run_id: str) -> list[PeerReport]:
 
 
 def aggregate(reports: list[PeerReport]) -> dict[str, Any]:
-    """Swarm step, sample-weighted loss, total samples/s and each alive peer's last report."""
+    """Swarm step, sample-weighted loss, total samples/s, the algorithm, what the swarm cost the peers
+    (``communication``) and each alive peer's last report with its own costs per round."""
     now = get_dht_time()
     weighted = [(r.loss, r.window_samples) for r in reports if r.loss is not None and r.window_samples > 0]
     samples = sum(n for _, n in weighted)
+    algorithms = sorted({r.algorithm for r in reports if r.algorithm is not None})
     return {
         "swarm_epoch": max((r.step for r in reports), default=None),
         "loss": sum(loss * n for loss, n in weighted) / samples if samples else None,
         "samples_per_second": sum(r.samples_per_second for r in reports),
         "alive_peers": len(reports),
-        "peers": [{**r.dict(), "seconds_since_report": round(now - r.time, 1)} for r in reports],
+        # one run has one algorithm (it is part of the run's fingerprint); "mixed" would mean records of two runs
+        "algorithm": algorithms[0] if len(algorithms) == 1 else ("mixed" if algorithms else None),
+        "communication": communication(reports),
+        "peers": [{**r.dict(), **per_round(r.dict()), "seconds_since_report": round(now - r.time, 1)} for r in reports],
     }
+
+
+COST_FIELDS = (
+    "rounds",
+    "averaged_rounds",
+    "failed_rounds",
+    "sent_bytes",
+    "averaging_seconds",
+    "wait_seconds",
+    "compute_seconds",
+)
+
+
+def per_round(costs: dict[str, Any]) -> dict[str, float | None]:
+    """What an operator compares, from ``COST_FIELDS`` totals (one peer's, or the swarm's sums): estimated bytes sent
+    and seconds averaging per averaged round, seconds computing per round, and the share of time blocked on the swarm
+    (None until there is something to divide by)."""
+    averaged, rounds = costs["averaged_rounds"], costs["rounds"]
+    busy = costs["wait_seconds"] + costs["compute_seconds"]
+    return {
+        "sent_bytes_per_round": costs["sent_bytes"] / averaged if averaged else None,
+        "averaging_seconds_per_round": costs["averaging_seconds"] / averaged if averaged else None,
+        "compute_seconds_per_round": costs["compute_seconds"] / rounds if rounds else None,
+        "wait_ratio": costs["wait_seconds"] / busy if busy > 0 else None,
+    }
+
+
+def communication(reports: list[PeerReport]) -> dict[str, Any]:
+    """The alive peers' costs summed since each started, and the same per-round figures as each peer's."""
+    sums = {key: sum(getattr(r, key) for r in reports) for key in COST_FIELDS}
+    return {**sums, **per_round(sums)}
 
 
 class MetricsLog:

@@ -1,4 +1,11 @@
-"""``SwarmReporter``: the Lightning callback that publishes this peer's ``core.records.PeerReport`` to the DHT."""
+"""``SwarmReporter``: the Lightning callback that publishes this peer's ``core.records.PeerReport`` to the DHT.
+
+Besides samples and loss, a report says what the swarm cost the peer (``swarm_costs``): its algorithm, its rounds,
+the bytes it sent in them (an estimate, ``core.events.allreduce_bytes_sent``), how long they took, and the training
+thread's time computing against its time blocked on the swarm. Compute is measured here, per local step: the step's
+wall time (forward, backward, the optimizer step) minus the time it was blocked on the swarm inside it; data loading
+and validation count as neither.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from pytorch_lightning.utilities.data import extract_batch_size
 
+from vitpeer.peer.core.events import SwarmEvents, SwarmTotals
 from vitpeer.peer.core.records import REPORT_TTL, PeerReport, metrics_key, vitpeer_version
 
 REPORT_EVERY = 15.0
@@ -42,8 +50,21 @@ class SwarmReporter(pl.Callback):
         self.window_loss, self.window_samples = 0.0, 0
         self.reported_step, self.reported_at = -1, 0.0
         self.last: dict[str, Any] | None = None  # the newest published report (the Prometheus exporter reads it)
+        self.algorithm: str | None = None
+        self.events = SwarmEvents()  # the swarm optimizer's, once training starts: its totals are what we publish
+        self.compute_seconds = 0.0
+        self._step_started, self._step_wait = 0.0, 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.algorithm = trainer.strategy.swarm.algorithm
+        self.events = trainer.strategy.optimizer.events
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        self._step_started, self._step_wait = time.perf_counter(), self.events.snapshot().wait_seconds
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        blocked = self.events.snapshot().wait_seconds - self._step_wait  # reported inside the step, before its end
+        self.compute_seconds += max(0.0, time.perf_counter() - self._step_started - blocked)
         size = extract_batch_size(batch) * trainer.world_size  # with local DDP ranks, the peer's samples: all ranks'
         loss = float(outputs["loss"]) if isinstance(outputs, dict) else float("nan")
         self.samples += size
@@ -67,6 +88,20 @@ class SwarmReporter(pl.Callback):
         self.reported_step, self.reported_at, self.last = step, time.monotonic(), report
         self.window_loss, self.window_samples = 0.0, 0
 
+    def swarm_costs(self) -> dict[str, Any]:
+        """The ``PeerReport`` fields that say what the swarm cost this peer so far (see ``core.events.SwarmTotals``)."""
+        totals: SwarmTotals = self.events.snapshot()
+        return {
+            "algorithm": self.algorithm,
+            "rounds": totals.rounds,
+            "averaged_rounds": totals.averaged_rounds,
+            "failed_rounds": totals.failed_rounds,
+            "sent_bytes": int(totals.sent_bytes),
+            "averaging_seconds": float(totals.averaging_seconds),
+            "wait_seconds": float(totals.wait_seconds),
+            "compute_seconds": float(self.compute_seconds),
+        }
+
     def report(self, step: int, samples_per_second: float) -> dict[str, Any]:
         loss = self.window_loss / self.window_samples if self.window_samples else None
         return PeerReport(
@@ -80,4 +115,5 @@ class SwarmReporter(pl.Callback):
             version=self.version,
             hardware=self.hardware,
             time=get_dht_time(),
+            **self.swarm_costs(),
         ).dict()

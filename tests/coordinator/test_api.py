@@ -8,15 +8,19 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 import pytest
+from hivemind.utils import get_dht_time
 
 from vitpeer.coordinator.api import ApiServer, Route
 from vitpeer.coordinator.config import CoordinatorConfig
+from vitpeer.coordinator.run import Coordinator
 from vitpeer.peer.core.config import ConfigError, RunConfig, SwarmConfig, TrainerConfig, load_config, validated
 from vitpeer.peer.core.http import coordinator_get
 from vitpeer.peer.core.options import join_config
+from vitpeer.peer.core.records import PeerReport, aggregate
 from vitpeer.peer.core.swarm import default_route_ip
 
 ID_A = "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"  # well-formed peer ids (initial_peers are validated)
@@ -185,3 +189,62 @@ def test_join_flags_override_the_coordinators_config(coordinator: str):
     assert config.data.batch_size == 7
     assert config.swarm.initial_peers == [PEER_B]
     assert config.swarm.run_id == "from-coord"
+
+
+def test_status_shows_the_runs_algorithm_and_what_the_swarm_cost_its_peers(tmp_path: Path):
+    config = RunConfig(swarm=SwarmConfig(run_id="costs", algorithm="diloco"))
+    coordinator = Coordinator(config, CoordinatorConfig(state_dir=tmp_path))
+    coordinator.state = SimpleNamespace(epoch=3)  # what a started coordinator holds; /status reads only its epoch
+
+    def report(peer_id: str, **costs) -> PeerReport:
+        return PeerReport(
+            peer_id=peer_id,
+            step=4,
+            loss=0.5,
+            window_samples=64,
+            samples_per_second=32.0,
+            samples=256,
+            mini_steps=8,
+            version="test",
+            hardware="cpu",
+            time=get_dht_time(),
+            **costs,
+        )
+
+    # Alice: 4 rounds, all averaged, 8 MB sent (2 MB a round), 6 s averaging, 2 s blocked against 14 s computing.
+    # Bob: 4 rounds, one failed, 3 MB (1 MB a round), 3 s averaging, 6 s blocked against 10 s computing. Their
+    # records say "gradient": /status shows the run's own algorithm (the fingerprint keeps the two equal).
+    alice = report("alice", algorithm="gradient", rounds=4, averaged_rounds=4, sent_bytes=8_000_000,
+                   averaging_seconds=6.0, wait_seconds=2.0, compute_seconds=14.0)  # fmt: skip
+    bob = report("bob", algorithm="gradient", rounds=4, averaged_rounds=3, failed_rounds=1, sent_bytes=3_000_000,
+                 averaging_seconds=3.0, wait_seconds=6.0, compute_seconds=10.0)  # fmt: skip
+    coordinator.swarm = aggregate([alice, bob])
+    server = ApiServer("127.0.0.1", 0, coordinator.routes())
+    try:
+        code, _, body = get(f"http://127.0.0.1:{server.port}/status")
+    finally:
+        server.shutdown()
+    assert code == 200
+    status = json.loads(body)
+    assert (status["run_id"], status["algorithm"], status["alive_peers"]) == ("costs", "diloco", 2)
+    assert status["communication"] == {
+        "rounds": 8,
+        "averaged_rounds": 7,
+        "failed_rounds": 1,
+        "sent_bytes": 11_000_000,
+        "averaging_seconds": 9.0,
+        "wait_seconds": 8.0,
+        "compute_seconds": 24.0,
+        "sent_bytes_per_round": 11_000_000 / 7,
+        "averaging_seconds_per_round": 9.0 / 7,
+        "compute_seconds_per_round": 3.0,
+        "wait_ratio": 0.25,
+    }
+    peers = {peer["peer_id"]: peer for peer in status["peers"]}
+    assert {name: peers["alice"][name] for name in ("sent_bytes_per_round", "averaging_seconds_per_round")} == {
+        "sent_bytes_per_round": 2_000_000,
+        "averaging_seconds_per_round": 1.5,
+    }
+    assert (peers["alice"]["compute_seconds_per_round"], peers["alice"]["wait_ratio"]) == (3.5, 0.125)
+    assert (peers["bob"]["sent_bytes_per_round"], peers["bob"]["wait_ratio"]) == (1_000_000, 0.375)
+    assert peers["bob"]["failed_rounds"] == 1

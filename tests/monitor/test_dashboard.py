@@ -48,6 +48,9 @@ METRICS = frozenset(
         "vitpeer_averaging_round_duration_seconds_bucket",
         "vitpeer_averaging_round_duration_seconds_sum",
         "vitpeer_averaging_round_duration_seconds_count",
+        "vitpeer_averaging_sent_bytes_total",
+        "vitpeer_swarm_wait_seconds_total",
+        "vitpeer_compute_seconds_total",
         "vitpeer_state_downloads_total",
         # host series, peers and coordinator
         "vitpeer_gpus",
@@ -70,6 +73,12 @@ METRICS = frozenset(
         "vitpeer_swarm_peer_loss",
         "vitpeer_swarm_peer_samples_total",
         "vitpeer_swarm_peer_report_age_seconds",
+        "vitpeer_swarm_peer_rounds_total",
+        "vitpeer_swarm_peer_averaged_rounds_total",
+        "vitpeer_swarm_peer_sent_bytes_total",
+        "vitpeer_swarm_peer_averaging_seconds_total",
+        "vitpeer_swarm_peer_wait_seconds_total",
+        "vitpeer_swarm_peer_compute_seconds_total",
         "vitpeer_rejected_records_total",
         # coordinator only
         "vitpeer_checkpoint_epoch",
@@ -257,7 +266,9 @@ ALICE, BOB, COORDINATOR = "12D3KooWAlice", "12D3KooWBob", "12D3KooWCoordinator"
 PEER_1 = {"instance": "peer-1:9470", "job": "vitpeer-peer"}
 PEER_2 = {"instance": "peer-2:9470", "job": "vitpeer-peer"}
 COORD = {"instance": "coordinator:8470", "job": "vitpeer-coordinator"}
-GIB = 2**30
+GIB, MIB = 2**30, 2**20
+ALICE_INFO = {"peer_id": ALICE, "version": "0.1.0", "hardware": "2x RTX 4090", "algorithm": "diloco"}
+BOB_INFO = {"peer_id": BOB, "version": "0.1.0", "hardware": "Tesla T4", "algorithm": "diloco"}
 RTX, T4 = {"name": "NVIDIA GeForce RTX 4090", "driver": "550.54.14"}, {"name": "Tesla T4", "driver": "535.104.05"}
 GPUS = (  # (target labels, gpu, uuid, utilization, used, total, watts, celsius)
     (PEER_1, "0", "GPU-a0", 0.75, 8 * GIB, 24 * GIB, 250, 70),
@@ -277,12 +288,8 @@ def input_series() -> list[dict[str, str]]:
         (PEER_2, BOB, "hivemind"),
         (COORD, COORDINATOR, "coordinator"),
     )
-    out = [
-        series(
-            "vitpeer_peer_info", {**t, "peer_id": p, "run_id": "vitpeer-digits", "version": "0.1.0", "strategy": s}, 1
-        )
-        for t, p, s in peers
-    ]
+    run = {"run_id": "vitpeer-digits", "version": "0.1.0", "algorithm": "diloco"}
+    out = [series("vitpeer_peer_info", {**t, **run, "peer_id": p, "strategy": s}, 1) for t, p, s in peers]
     out += [
         series("vitpeer_samples_total", PEER_1, "0+1280x60"),  # 64/s
         series("vitpeer_samples_total", PEER_2, "0+640x60"),  # 32/s
@@ -307,6 +314,13 @@ def input_series() -> list[dict[str, str]]:
         series("vitpeer_averaging_rounds_total", {**PEER_2, "outcome": "averaged"}, "0+5x60"),  # 15/min
         series("vitpeer_averaging_rounds_total", {**PEER_2, "outcome": "failed"}, 0),
         series("vitpeer_averaging_rounds_total", {**PEER_2, "outcome": "alone"}, "0+5x60"),  # 15/min
+        # what the swarm costs each peer, as its own exporter counts it: per 20 s sample
+        series("vitpeer_averaging_sent_bytes_total", PEER_1, f"0+{20 * MIB}x60"),  # 1 MiB/s over 0.5 rounds/s
+        series("vitpeer_averaging_sent_bytes_total", PEER_2, f"0+{5 * MIB}x60"),  # 0.25 MiB/s over 0.25 rounds/s
+        series("vitpeer_swarm_wait_seconds_total", PEER_1, "0+20x60"),  # 1 s/s
+        series("vitpeer_swarm_wait_seconds_total", PEER_2, "0+40x60"),  # 2 s/s
+        series("vitpeer_compute_seconds_total", PEER_1, "0+60x60"),  # 3 s/s: blocked 1 / (1 + 3)
+        series("vitpeer_compute_seconds_total", PEER_2, "0+40x60"),  # 2 s/s: blocked 2 / (2 + 2)
         series("vitpeer_state_downloads_total", {**PEER_1, "outcome": "loaded"}, 1),  # before the 5m range
         series("vitpeer_state_downloads_total", {**PEER_1, "outcome": "failed"}, 0),
         series("vitpeer_state_downloads_total", {**PEER_2, "outcome": "loaded"}, "0x20 1x40"),  # one at 7m
@@ -346,10 +360,8 @@ def input_series() -> list[dict[str, str]]:
         series("vitpeer_swarm_alive_peers", COORD, 2),
         series("vitpeer_swarm_samples_per_second", COORD, 96),
         series("vitpeer_swarm_loss", COORD, 0.625),
-        series(
-            "vitpeer_swarm_peer_info", {**COORD, "peer_id": ALICE, "version": "0.1.0", "hardware": "2x RTX 4090"}, 1
-        ),
-        series("vitpeer_swarm_peer_info", {**COORD, "peer_id": BOB, "version": "0.1.0", "hardware": "Tesla T4"}, 1),
+        series("vitpeer_swarm_peer_info", {**COORD, **ALICE_INFO}, 1),
+        series("vitpeer_swarm_peer_info", {**COORD, **BOB_INFO}, 1),
         series("vitpeer_swarm_peer_epoch", {**COORD, "peer_id": ALICE}, 42),
         series("vitpeer_swarm_peer_epoch", {**COORD, "peer_id": BOB}, 41),
         series("vitpeer_swarm_peer_samples_per_second", {**COORD, "peer_id": ALICE}, 64),
@@ -360,6 +372,22 @@ def input_series() -> list[dict[str, str]]:
         series("vitpeer_swarm_peer_samples_total", {**COORD, "peer_id": BOB}, "0+640x60"),
         series("vitpeer_swarm_peer_report_age_seconds", {**COORD, "peer_id": ALICE}, 2),
         series("vitpeer_swarm_peer_report_age_seconds", {**COORD, "peer_id": BOB}, 4.5),
+        # the costs in the peers' records, per 20 s sample. Alice: 0.25 rounds/s, all averaged, 1 MiB/s sent (4 MiB
+        # a round), 0.5 s/s averaging (2 s a round), 3 s/s computing (12 s a round), 1 s/s blocked (1 / (1 + 3)).
+        # Bob: 0.5 rounds/s, 0.25 averaged, 0.5 MiB/s (2 MiB a round), 0.25 s/s averaging (1 s a round), 2 s/s
+        # computing (4 s a round), 2 s/s blocked (2 / (2 + 2)).
+        *(
+            series(f"vitpeer_swarm_peer_{name}_total", {**COORD, "peer_id": peer}, f"0+{per_sample}x60")
+            for peer, per_sample_by_name in (
+                (ALICE, {"rounds": 5, "averaged_rounds": 5, "sent_bytes": 20 * MIB, "averaging_seconds": 10}),
+                (BOB, {"rounds": 10, "averaged_rounds": 5, "sent_bytes": 10 * MIB, "averaging_seconds": 5}),
+            )
+            for name, per_sample in per_sample_by_name.items()
+        ),
+        series("vitpeer_swarm_peer_compute_seconds_total", {**COORD, "peer_id": ALICE}, "0+60x60"),
+        series("vitpeer_swarm_peer_wait_seconds_total", {**COORD, "peer_id": ALICE}, "0+20x60"),
+        series("vitpeer_swarm_peer_compute_seconds_total", {**COORD, "peer_id": BOB}, "0+40x60"),
+        series("vitpeer_swarm_peer_wait_seconds_total", {**COORD, "peer_id": BOB}, "0+40x60"),
         series("vitpeer_rejected_records_total", {**COORD, "reason": "signature"}, "0+1x60"),  # 15 in 5m..10m
         series("vitpeer_rejected_records_total", {**COORD, "reason": "schema"}, 0),
         series("vitpeer_checkpoint_epoch", COORD, 40),
@@ -402,10 +430,14 @@ EXPECTED: dict[str, list[tuple[dict[str, str], float]]] = {
     "12_C": by_peer(0.5, 0.75),
     "12_D": by_peer(30 * 1280, 30 * 640),
     "12_E": by_peer(2, 4.5),
-    "12_F": [
-        ({"peer_id": ALICE, "version": "0.1.0", "hardware": "2x RTX 4090"}, 1),
-        ({"peer_id": BOB, "version": "0.1.0", "hardware": "Tesla T4"}, 1),
-    ],
+    "12_F": [(ALICE_INFO, 1), (BOB_INFO, 1)],
+    # what the swarm costs each peer, from the records (see the input)
+    "35_A": [({"algorithm": "diloco"}, 2)],
+    "36_A": by_peer(MIB, MIB / 2),  # bytes/s
+    "37_A": by_peer(4 * MIB, 2 * MIB),  # bytes per averaged round
+    "38_A": by_peer(2, 1),  # averaging seconds per averaged round
+    "38_B": by_peer(12, 4),  # compute seconds per round
+    "39_A": by_peer(0.25, 0.5),  # share of time blocked
     # peers' own exporters, joined to their peer ids
     "14_A": by_peer(64, 32),
     "15_A": by_peer(0.5, 0.75),
@@ -423,6 +455,8 @@ EXPECTED: dict[str, list[tuple[dict[str, str], float]]] = {
     "19_A": by_peer(64 / 128, 96 / 128),
     "20_A": by_peer(2, 2),
     "21_A": by_peer(2, 1),
+    "40_A": by_peer(2 * MIB, MIB),  # the peers' own exporters: bytes per averaged round
+    "41_A": by_peer(0.25, 0.5),  # and share of time blocked
     "22_A": [
         ({"peer_id": ALICE, "outcome": "loaded"}, 0),  # loaded before the time range
         ({"peer_id": ALICE, "outcome": "failed"}, 0),

@@ -4,7 +4,8 @@ One run: the coordinator starts, two peers join it with ``--metrics-port 0`` and
 swarm through the coordinator. Every endpoint's exposition passes ``promtool check metrics``; then Prometheus
 (Debian's binary, scraping every second with the job names of ``monitor/prometheus.yml``) must show what a
 dashboard user looks for: both peers alive, samples counters rising, the swarm epoch advancing, rounds averaged,
-and peer ids joining the peers' own series to the swarm's.
+peer ids joining the peers' own series to the swarm's, the run's algorithm, and each peer's bytes per averaged round
+(worked out from the model's size), its time blocked on the swarm and computing, in its exporter and its record.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from processes import METRICS_AT, Coordinator, fetch, free_port, peer, peer_id, printed, spawn, wait_for
+from processes import CONFIG, METRICS_AT, Coordinator, fetch, free_port, peer, peer_id, printed, spawn, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_dashboard import METRICS as DASHBOARD_METRICS
 
+from vitpeer.peer.core.config import load_config
+from vitpeer.peer.core.data import num_classes
+from vitpeer.peer.core.model import build_model
 from vitpeer.peer.core.processes import stop_all
 
 pytestmark = pytest.mark.slow
@@ -116,6 +120,14 @@ def test_prometheus_sees_the_swarm_train(tmp_path: Path, promtool: Path, prometh
             wait_for(f"{job} to count 2 alive peers", lambda q=alive, j=job: prometheus.by(q, "job") == {j: 2.0}, 90)
         swarm_peers = prometheus.by('vitpeer_swarm_peer_info{job="vitpeer-coordinator"}', "peer_id")
         assert set(swarm_peers) == set(ids)
+        # the run's algorithm, as the peers and the coordinator label themselves and as each record says
+        info = prometheus.query("vitpeer_peer_info")
+        assert sorted((labels["job"], labels["algorithm"]) for labels, _ in info) == [
+            ("vitpeer-coordinator", "gradient"),
+            ("vitpeer-peer", "gradient"),
+            ("vitpeer-peer", "gradient"),
+        ]
+        assert prometheus.by('vitpeer_swarm_peer_info{job="vitpeer-coordinator"}', "algorithm") == {"gradient": 1.0}
 
         # the peers' own series carry their ids, so a dashboard joins them to the swarm's per-peer series
         joined = prometheus.by("vitpeer_samples_total * on(instance) group_left(peer_id) vitpeer_peer_info", "peer_id")
@@ -178,5 +190,51 @@ def test_prometheus_sees_the_swarm_train(tmp_path: Path, promtool: Path, prometh
             pytest.xfail(f"a peer never averaged within 60 s: {counts}")
         durations = prometheus.by("vitpeer_averaging_round_duration_seconds_count", "instance")
         assert len(durations) == 2 and all(count > 0 for count in durations.values()), durations
+
+        # What the swarm costs each peer. An averaged gradient round between these two peers sends 2 (N - 1) / N = 1
+        # times the model's gradients, in fp32 (digits_tiny does not compress): 4 bytes per parameter.
+        config = load_config(CONFIG)
+        assert (config.swarm.algorithm, config.swarm.wire_compression) == ("gradient", "none")
+        round_bytes = 4 * sum(p.numel() for p in build_model(config.model, num_classes(config.data)).parameters())
+
+        def costs(url: str) -> dict[str, float]:
+            """One scrape of a peer: averaged rounds, bytes sent, seconds blocked and computing."""
+            exposed = [sample for family in text_string_to_metric_families(fetch(url)) for sample in family.samples]
+            found = {sample.name: sample.value for sample in exposed if not sample.labels}
+            averaged = next(
+                sample.value
+                for sample in exposed
+                if sample.name == "vitpeer_averaging_rounds_total" and sample.labels["outcome"] == "averaged"
+            )
+            return {
+                "averaged_rounds": averaged,
+                "sent_bytes": found["vitpeer_averaging_sent_bytes_total"],
+                "wait_seconds": found["vitpeer_swarm_wait_seconds_total"],
+                "compute_seconds": found["vitpeer_compute_seconds_total"],
+            }
+
+        for url in peer_urls:
+            # the rounds counter and the bytes total are two reads in one scrape: retry the rare scrape between them
+            seen = wait_for(
+                f"{url}: bytes sent = averaged rounds x {round_bytes}",
+                lambda url=url: (c := costs(url))["sent_bytes"] == c["averaged_rounds"] * round_bytes and c,
+                10,
+            )
+            print(f"{url}: {seen}")
+            assert seen["averaged_rounds"] > 0 and seen["wait_seconds"] > 0 and seen["compute_seconds"] > 0
+        # the same from the peers' records, in the coordinator's /status and /metrics
+        status = wait_for(
+            "the records' bytes per round",
+            lambda: (found := coordinator.status())["communication"]["sent_bytes_per_round"] and found,
+            30,
+        )
+        print(json.dumps({key: status[key] for key in ("algorithm", "communication")}, indent=2))
+        assert status["algorithm"] == "gradient"
+        assert status["communication"]["sent_bytes_per_round"] == round_bytes
+        assert 0 < status["communication"]["wait_ratio"] < 1
+        for report in status["peers"]:
+            assert report["algorithm"] == "gradient" and report["compute_seconds"] > 0, report
+        sent = prometheus.by('vitpeer_swarm_peer_sent_bytes_total{job="vitpeer-coordinator"}', "peer_id")
+        assert set(sent) == set(ids) and all(value > 0 for value in sent.values()), sent
     finally:
         stop_all(processes)
