@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import hivemind
@@ -50,10 +51,12 @@ def run_demo(
     max_steps: int | None = None,
     module: str = "vitpeer.peer.cli",
     pin_cores: bool = False,
+    extra_args: Sequence[str] = (),
 ) -> float | None:
     """Run the local swarm to the end; return the peers' mean test accuracy, or None if a peer failed. ``module``:
     what each peer runs with ``python -m`` (the benchmarks use a timed ``vitpeer``); ``pin_cores``: peer i runs on
-    core i alone (``taskset``), one thread, as volunteers on separate machines would (``benchmarks.scaling``)."""
+    core i alone (``taskset``), one thread, as volunteers on separate machines would (``benchmarks.scaling``);
+    ``extra_args``: more ``vitpeer join`` options for every peer (``--seed 1``)."""
     started = time.monotonic()
     bootstrap = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     initial_peers = [str(addr) for addr in bootstrap.get_visible_maddrs()]
@@ -66,7 +69,7 @@ def run_demo(
         for index in range(1, peers + 1):
             peer_dir = output_dir / f"peer-{index}"
             peer_dir.mkdir(parents=True, exist_ok=True)
-            command = peer_command(config, initial_peers, peer_dir, max_steps, module)
+            command = [*peer_command(config, initial_peers, peer_dir, max_steps, module), *extra_args]
             if pin_cores:
                 command = ["taskset", "--cpu-list", str((index - 1) % cores), *command]
             process = subprocess.Popen(

@@ -177,7 +177,7 @@ class SwarmConfig(Section):
     """Seconds before an averaging round is given up and the peer steps with its local gradients."""
     load_state_timeout: float = Field(default=60.0, gt=0)
     """Deadline for downloading the swarm's state when joining or after falling behind; then train from local state."""
-    algorithm: Literal["diloco", "gradient"] = "gradient"
+    algorithm: Literal["diloco", "gradient"] = "diloco"
     """How the peers train together. ``diloco``: each peer trains alone with its own optimizer for a swarm step, then
     the peers average how far they moved (the pseudo-gradient) in the background and an outer optimizer steps the
     shared parameters; little traffic, no waiting while a round runs. ``gradient``: the peers average gradients
@@ -189,8 +189,8 @@ class SwarmConfig(Section):
     """``diloco``: Nesterov momentum of the outer optimizer."""
     sync_every: int = Field(default=16, gt=0)
     """``diloco``: swarm steps between exact (fp32) averagings of the shared parameters and outer momentum, which
-    undo the rounding that compressed rounds leave between peers; also at steps 1, 2, 4, ... below it and at the
-    last step."""
+    undo the rounding that compressed rounds leave between peers; also at step 1, at the last step, and after a
+    round that did not average a peer with every peer it counts."""
     compression: Literal["none", "fp16", "8bit"] | None = None
     """What averaged tensors travel as: ``none`` (fp32), ``fp16`` (half the bytes) or ``8bit`` (a quarter: blockwise
     absmax int8, vitpeer's own codec). Unset: fp16 for ``diloco``'s pseudo-gradients, none for ``gradient``."""

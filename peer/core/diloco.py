@@ -21,12 +21,13 @@
 Rules that keep the swarm together:
 - Peers in one round get the same average and step the same outer optimizer from the same ``shared``, so their
   ``shared`` stay equal up to compression rounding (hivemind hands each peer ``own part + compressed(average - own
-  part)``). At swarm steps 1, 2, 4, ... up to ``sync_every``, then every ``sync_every`` steps and after the last,
-  the peers average ``shared`` and the outer momentum themselves, exactly (fp32): peers that started alone, or
-  drifted apart by rounding, then hold the same state.
+  part)``). The peers average ``shared`` and the outer momentum themselves, exactly (fp32), in a *sync* before the
+  round of swarm step 1 (peers that started alone), every ``sync_every`` steps (rounding drift), after the last, and
+  after a round that did not average this peer with every peer it counts (it failed, or its group was smaller):
+  peers that drifted apart then hold the same state again. A sync blocks training (it moves twice the model in
+  fp32), so it happens only when needed; a peer that wants one and meets no one loses one matchmaking window.
 - A round that fails (timeout, a peer left mid-round) is not applied: its progress stays in the local parameters and
-  goes into the peer's next pseudo-gradient. Peers whose shared states drifted apart (one applied a round another
-  missed) hold the same state again after the next exact sync.
+  goes into the peer's next pseudo-gradient, and the next hand-off begins with a sync (above).
 - A peer whose pseudo-gradient holds NaN or Inf does not send it: it drops that round's progress and returns to
   ``shared``, so the poison never reaches the others.
 - A straggler costs the others at most ``matchmaking_time`` + ``averaging_timeout``: the round goes on without it.
@@ -50,10 +51,15 @@ from hivemind.averaging.control import StepControl
 from hivemind.compression import CompressionBase, CompressionInfo
 from hivemind.optim.progress_tracker import ProgressTracker
 
-from vitpeer.peer.core.events import SwarmEvents
+from vitpeer.peer.core.events import SwarmEvents, allreduce_bytes_sent
 from vitpeer.peer.core.hivemind_adapters import GroupSizedAverager, say_goodbye
 
 log = logging.getLogger(__name__)
+
+REPORT_EVERY = 0.25
+"""Seconds between progress reports. hivemind's tracker stores a signed DHT record at every report; one per local
+step (every ~40 ms with digits_tiny) kept the DHT process busy on the trainer's core. Others' estimates extrapolate
+from a report with its samples per second, and they fetch at most every 0.5 s, so 0.25 s loses nothing."""
 
 
 class OuterAverager(GroupSizedAverager):
@@ -78,6 +84,8 @@ class Round:
     """This peer's pseudo-gradient (host memory): what it applies when alone."""
     hand_off: list[torch.Tensor]
     """The local parameters at the hand-off: the progress made since then is kept on top of the result."""
+    peers: int = 1
+    """Peers this peer counted at the hand-off."""
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -92,7 +100,7 @@ class RoundResult:
     seconds: float
     """From the hand-off until the result was applied (or given up)."""
     bytes_sent: int
-    """Estimated bytes this peer sent: an all-reduce among N sends 2 (N - 1) / N of the compressed tensors."""
+    """Estimated bytes this peer sent (``allreduce_bytes_sent``: 2 (N - 1) / N of the compressed tensors)."""
 
 
 class DiLoCo:
@@ -131,7 +139,9 @@ class DiLoCo:
         self.outer = torch.optim.SGD(self.shared, lr=outer_lr, momentum=outer_momentum, nesterov=outer_momentum > 0)
         self.epoch = 0
         self.samples = 0  # trained by this peer since the last hand-off
+        self._reported_at = -float("inf")  # when the samples were last reported to the tracker
         self.in_flight: Round | None = None
+        self.out_of_step = False  # the last round did not average with every peer counted: sync at the next hand-off
         self.rounds: list[RoundResult] = []
         self.wait_seconds = 0.0  # the training thread's time spent waiting for rounds, syncs and downloads
         self.skipped_rounds = 0  # pseudo-gradients with NaN or Inf, kept out of the swarm
@@ -180,7 +190,13 @@ class DiLoCo:
         """Count a local step's samples; apply a round that arrived; hand off a round when the swarm is due.
         Returns True when this call moved the swarm step."""
         self.samples += samples
-        self.tracker.report_local_progress(self.epoch, self.samples)
+        now, tracker = time.monotonic(), self.tracker
+        unreported = self.samples - tracker.local_progress.samples_accumulated
+        if now - self._reported_at >= REPORT_EVERY or (
+            tracker.global_progress.samples_accumulated + unreported >= tracker.target_batch_size
+        ):  # at most every REPORT_EVERY, and at once when this step completes the swarm's target
+            self._reported_at = now
+            tracker.report_local_progress(self.epoch, self.samples)
         if self.in_flight is not None and self.in_flight.control is not None and self.in_flight.control.done():
             self._finish(self.in_flight)
         if self.tracker.global_epoch > self.epoch + 1:  # more than a round behind the swarm: catch up
@@ -228,7 +244,7 @@ class DiLoCo:
                 log.warning("could not start the round of swarm step %d: %r", epoch, err)
                 self.in_flight = None
                 return
-        self.in_flight = Round(epoch=epoch, control=control, own=own, hand_off=hand_off)
+        self.in_flight = Round(epoch=epoch, control=control, own=own, hand_off=hand_off, peers=self.num_peers)
         if control is None:  # alone: the outer step takes this peer's own progress, now
             self._finish(self.in_flight)
 
@@ -253,7 +269,8 @@ class DiLoCo:
             if gathered:
                 with self.averager.get_tensors() as buffers:
                     average = [buffer.clone() for buffer in buffers]
-        sent = int(2 * (group_size - 1) / group_size * self.wire_bytes) if outcome == "averaged" else 0
+        sent = allreduce_bytes_sent(self.wire_bytes, group_size) if outcome == "averaged" else 0
+        self.out_of_step = outcome == "failed" or (outcome == "averaged" and group_size < pending.peers)
         self.rounds.append(RoundResult(pending.epoch, outcome, group_size, time.perf_counter() - pending.started, sent))
         if outcome == "failed":  # not applied: its progress stays in the local parameters and joins the next round
             log.warning("the round of swarm step %d failed; its progress goes into the next round", pending.epoch)
@@ -291,10 +308,10 @@ class DiLoCo:
     # --- the shared state: synced exactly, served to joiners, downloaded when behind --------------------------
 
     def _sync_due(self, step: int) -> bool:
-        """Whether the round that ends at swarm step ``step`` begins with a sync of ``shared``. Every peer decides
-        from the step, so all of them meet in it (a peer that counts no other peer skips it: ``sync_shared``)."""
-        early = step < self.sync_every and step & (step - 1) == 0  # 1, 2, 4, 8, ...
-        return early or step % self.sync_every == 0 or step == self.last_epoch
+        """Whether the round that ends at swarm step ``step`` begins with a sync of ``shared``: at step 1, every
+        ``sync_every``, at the last, and after a round that left this peer out of step. Peers decide from the step
+        or from what they saw of the same round, so they meet in it (a peer that counts no other peer skips it)."""
+        return step == 1 or step % self.sync_every == 0 or step == self.last_epoch or self.out_of_step
 
     def outer_state(self) -> tuple[dict, list[torch.Tensor]]:
         """(metadata, tensors) of the shared state: the swarm step, ``shared`` and the outer momentum."""
@@ -323,6 +340,7 @@ class DiLoCo:
     def sync_shared(self) -> bool:
         """Average ``shared`` and the outer momentum exactly (fp32) with the peers that meet here; a peer that counts
         no other peer skips it."""
+        self.out_of_step = False  # one try: a peer that meets no one goes on and waits for the next sync
         if self.num_peers <= 1:
             return False
         started = time.perf_counter()
@@ -360,6 +378,9 @@ class DiLoCo:
             log.info("no peer offered the shared state; training on from this peer's own")
             return False
         metadata, tensors = loaded
+        if int(metadata["epoch"]) < self.epoch:  # e.g. only the coordinator serves, a step behind: keep our own
+            log.info("the offered shared state (swarm step %s) is older than ours: kept ours", metadata["epoch"])
+            return False
         expected = [s.shape for s in self.shared] * 2
         if [t.shape for t in tensors] != expected or not all(torch.isfinite(t).all() for t in tensors):
             log.warning("a peer sent a shared state of other shapes or with NaN/Inf: ignored")
@@ -370,7 +391,7 @@ class DiLoCo:
             self.epoch = self.tracker.update_epoch(max(self.epoch, int(metadata["epoch"])))
         self.samples = 0
         self.averager.state_sharing_priority = float(self.epoch)
-        log.info("loaded the shared state at swarm step %d in %.1f s", self.epoch, time.perf_counter() - started)
+        log.info("loaded the shared state of swarm step %s in %.1f s", metadata["epoch"], time.perf_counter() - started)
         return True
 
     def restore(self, epoch: int, tensors: Sequence[torch.Tensor]) -> None:
@@ -404,6 +425,7 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
         self.parameters_version = 0
         """Bumped whenever the outer loop wrote the parameters (a round applied, a sync, a download)."""
         self._reported_rounds = 0
+        self._reported_wait = 0.0  # of ``DiLoCo.wait_seconds``, passed on to the events
         self._alive = True
 
     @property
@@ -464,10 +486,15 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
                 self.scheduler.step()
 
     def _after_outer(self) -> None:
-        """Report rounds that ended and count writes to the parameters."""
+        """Report rounds that ended (with their estimated bytes sent) and the training thread's new time blocked on
+        the swarm; count writes to the parameters."""
         for result in self.diloco.rounds[self._reported_rounds :]:
-            self.events.averaging_round(result.outcome, result.seconds if result.outcome == "averaged" else None)
+            seconds = result.seconds if result.outcome == "averaged" else None
+            self.events.averaging_round(result.outcome, seconds, result.bytes_sent)
         self._reported_rounds = len(self.diloco.rounds)
+        if self.diloco.wait_seconds > self._reported_wait:
+            self.events.waited(self.diloco.wait_seconds - self._reported_wait)
+            self._reported_wait = self.diloco.wait_seconds
         if self.diloco.writes != self.parameters_version:
             self.parameters_version = self.diloco.writes
 

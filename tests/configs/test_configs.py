@@ -83,6 +83,7 @@ BUILT_ON_A_BASE = {  # name: (its base, what its old full file said)
         {
             **CIFAR10_VIT_B32,
             "swarm.run_id": "vitpeer-cifar10-vit-b32",
+            "swarm.algorithm": "gradient",  # said nothing when gradient was the default; now it must say it
             "swarm.target_batch_size": 640,
             "swarm.matchmaking_time": 5.0,
             "swarm.averaging_timeout": 60.0,
@@ -136,7 +137,9 @@ def test_the_fields_that_tell_a_family_apart_come_from_the_overrides():
     assert (ddp.trainer.max_steps, fsdp.trainer.max_steps, swarm.trainer.max_steps) == (830, 830, 2000)
     assert (ddp.trainer.accelerator, fsdp.trainer.accelerator, swarm.trainer.accelerator) == ("gpu", "gpu", "auto")
     assert (ddp.swarm.target_batch_size, swarm.swarm.target_batch_size) == (256, 640)  # the default, the swarm's
-    assert (ddp.swarm.wire_compression, swarm.swarm.wire_compression) == ("none", "fp16")
+    # the default algorithm (diloco) sends fp16 pseudo-gradients; the swarm run's gradient rounds say fp16 themselves
+    assert (ddp.swarm.algorithm, swarm.swarm.algorithm) == ("diloco", "gradient")
+    assert (ddp.swarm.wire_compression, swarm.swarm.wire_compression) == ("fp16", "fp16")
     assert len({str(run.trainer.output_dir) for run in (ddp, fsdp, swarm, load_config("cifar10_vit_b32"))}) == 4
     large_ddp, large_fsdp = load_config("imagenet_vit_l16_ddp"), load_config("imagenet_vit_l16_fsdp")
     assert (large_ddp.parallel.strategy, large_fsdp.parallel.strategy) == ("ddp", "fsdp")

@@ -23,6 +23,7 @@ STEPS = 24
 TARGET = 512
 LATE_AT = 8
 FLAGS = ["--config", "digits_tiny_diloco", "--max-steps", str(STEPS), "--target-batch-size", str(TARGET)]
+FLAGS += ["--batch-size", "32"]
 FLAGS += ["--host-maddr", "/ip4/127.0.0.1/tcp/0", "--matchmaking-time", "1.0", "--averaging-timeout", "10"]
 STEP_LINE = re.compile(r"swarm step (\d+)/\d+ \| peers (\d+) \| loss ([\d.na]+)")
 
@@ -116,7 +117,7 @@ def test_a_peer_killed_in_a_round_does_not_stop_the_others(scenario):
 
 
 def test_a_late_joiner_enters_with_the_shared_state(scenario):
-    found = re.search(r"loaded the shared state at swarm step (\d+)", scenario["late_log"])
+    found = re.search(r"loaded the shared state of swarm step (\d+)", scenario["late_log"])
     assert found, scenario["late_log"][-3000:]
     assert int(found.group(1)) >= scenario["late_started_at"]
     late = results(scenario["root"], "late")
