@@ -21,18 +21,22 @@
 Rules that keep the swarm together:
 - Peers in one round get the same average and step the same outer optimizer from the same ``shared``, so their
   ``shared`` stay equal up to compression rounding (hivemind hands each peer ``own part + compressed(average - own
-  part)``). The peers average ``shared`` and the outer momentum themselves, exactly (fp32), in a *sync* before the
-  round of swarm step 1 (peers that started alone), every ``sync_every`` steps (rounding drift), after the last, and
-  after a round that did not average this peer with every peer it counts (it failed, or its group was smaller):
-  peers that drifted apart then hold the same state again. A sync blocks training (it moves twice the model in
-  fp32), so it happens only when needed; a peer that wants one and meets no one loses one matchmaking window.
+  part)``). The peers average ``shared`` (and the outer momentum, when there is one) themselves, exactly (fp32), in
+  a *sync*: every ``sync_every`` steps (rounding drift), once after the last round, and at the hand-off after a round
+  that did not average this peer with every peer it now counts (it failed, its group was smaller, or it ran alone
+  before the others were seen): peers that drifted apart then hold the same state again. Every peer starts from the
+  same initial parameters (``trainer.seed``), so none is needed at the start. A sync blocks training and moves the
+  model in fp32 (twice with momentum), so it happens only when needed; a peer that wants one and meets no one loses
+  one matchmaking window.
 - A round that fails (timeout, a peer left mid-round) is not applied: its progress stays in the local parameters and
   goes into the peer's next pseudo-gradient, and the next hand-off begins with a sync (above).
 - A peer whose pseudo-gradient holds NaN or Inf does not send it: it drops that round's progress and returns to
   ``shared``, so the poison never reaches the others.
 - A straggler costs the others at most ``matchmaking_time`` + ``averaging_timeout``: the round goes on without it.
 - A late joiner downloads ``shared``, the outer momentum and the swarm step within ``load_state_timeout`` from the
-  peer with the newest swarm step (the state-sharing protocol of hivemind's ``DecentralizedAverager``).
+  peer with the newest swarm step (the state-sharing protocol of hivemind's ``DecentralizedAverager``). A peer offers
+  its state only once it has applied a round: peers that start a swarm together do not download each other's
+  untrained state (a whole model each, 18-24 s over a 100 Mbit/s link).
 """
 
 from __future__ import annotations
@@ -131,8 +135,6 @@ class DiLoCo:
         self.dht = dht
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
         self.load_state_timeout, self.sync_every = load_state_timeout, sync_every
-        self.last_epoch: int | None = None
-        """The swarm step at which training ends (set by the trainer): the shared state is synced after it."""
         self.lock = threading.Lock()  # ``shared`` and the outer momentum: the trainer writes, downloads read
         with torch.no_grad():
             self.shared = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
@@ -142,6 +144,8 @@ class DiLoCo:
         self._reported_at = -float("inf")  # when the samples were last reported to the tracker
         self.in_flight: Round | None = None
         self.out_of_step = False  # the last round did not average with every peer counted: sync at the next hand-off
+        self.last_alone = False  # the last round ran alone: if others are counted now, they may have moved apart
+        self.finished = False  # ``finish`` ran: the last round is applied and the final sync done
         self.rounds: list[RoundResult] = []
         self.wait_seconds = 0.0  # the training thread's time spent waiting for rounds, syncs and downloads
         self.skipped_rounds = 0  # pseudo-gradients with NaN or Inf, kept out of the swarm
@@ -167,11 +171,13 @@ class DiLoCo:
             averaged_tensors=[torch.zeros_like(s) for s in self.shared],
             prefix=f"{run_id}_diloco",
             compression=compression,
-            allow_state_sharing=not client_mode,
+            allow_state_sharing=False,  # on once this peer has applied a round (``_rebase``): nothing to offer before
             **averager_args,
         )
+        self.client_mode = client_mode
+        self.sync_momentum = outer_momentum > 0  # without momentum its buffers are zeros: not worth sending
         self.syncer = GroupSizedAverager(  # exact (fp32) averaging of the shared state itself
-            averaged_tensors=[torch.zeros_like(s) for s in self.shared * 2],
+            averaged_tensors=[torch.zeros_like(s) for s in self.shared * (2 if self.sync_momentum else 1)],
             prefix=f"{run_id}_diloco_sync",
             allow_state_sharing=False,
             **averager_args,
@@ -211,7 +217,10 @@ class DiLoCo:
 
     def finish(self) -> None:
         """The end of training: apply a round still in flight and, with others, sync the shared state once more,
-        so every peer ends with the same parameters."""
+        so every peer ends with the same parameters. Once: the trainer may call it again at the end of fit."""
+        if self.finished:
+            return
+        self.finished = True
         self._wait_for_round()
         self.sync_shared()
 
@@ -271,6 +280,7 @@ class DiLoCo:
                     average = [buffer.clone() for buffer in buffers]
         sent = allreduce_bytes_sent(self.wire_bytes, group_size) if outcome == "averaged" else 0
         self.out_of_step = outcome == "failed" or (outcome == "averaged" and group_size < pending.peers)
+        self.last_alone = outcome == "alone"
         self.rounds.append(RoundResult(pending.epoch, outcome, group_size, time.perf_counter() - pending.started, sent))
         if outcome == "failed":  # not applied: its progress stays in the local parameters and joins the next round
             log.warning("the round of swarm step %d failed; its progress goes into the next round", pending.epoch)
@@ -304,14 +314,17 @@ class DiLoCo:
                 param.copy_((s + moved).to(param.device, param.dtype))
         self.writes += 1
         self.averager.state_sharing_priority = float(self.epoch)
+        self.averager.allow_state_sharing = not self.client_mode
 
     # --- the shared state: synced exactly, served to joiners, downloaded when behind --------------------------
 
     def _sync_due(self, step: int) -> bool:
-        """Whether the round that ends at swarm step ``step`` begins with a sync of ``shared``: at step 1, every
-        ``sync_every``, at the last, and after a round that left this peer out of step. Peers decide from the step
-        or from what they saw of the same round, so they meet in it (a peer that counts no other peer skips it)."""
-        return step == 1 or step % self.sync_every == 0 or step == self.last_epoch or self.out_of_step
+        """Whether the round that ends at swarm step ``step`` begins with a sync of ``shared``: every ``sync_every``,
+        and after a round that left this peer out of step (see the module docstring). Peers decide from the step or
+        from what they saw of the same round, so they meet in it (a peer that counts no other peer skips it). The
+        final sync is ``finish``'s."""
+        apart = self.out_of_step or (self.last_alone and self.num_peers > 1)
+        return step % self.sync_every == 0 or apart
 
     def outer_state(self) -> tuple[dict, list[torch.Tensor]]:
         """(metadata, tensors) of the shared state: the swarm step, ``shared`` and the outer momentum."""
@@ -340,11 +353,12 @@ class DiLoCo:
     def sync_shared(self) -> bool:
         """Average ``shared`` and the outer momentum exactly (fp32) with the peers that meet here; a peer that counts
         no other peer skips it."""
-        self.out_of_step = False  # one try: a peer that meets no one goes on and waits for the next sync
+        self.out_of_step = self.last_alone = False  # one try: a peer that meets no one waits for the next sync
         if self.num_peers <= 1:
             return False
         started = time.perf_counter()
-        _, state = self.outer_state()
+        _, full = self.outer_state()
+        state = full if self.sync_momentum else full[: len(self.shared)]
         with self.syncer.get_tensors() as buffers:
             for buffer, value in zip(buffers, state, strict=True):
                 buffer.copy_(value)
@@ -356,7 +370,8 @@ class DiLoCo:
             log.debug("syncing the shared state failed: %r", err)
         if gathered:
             with self.syncer.get_tensors() as buffers:
-                self._take_outer_state([buffer.clone() for buffer in buffers])
+                synced = [buffer.clone() for buffer in buffers]
+            self._take_outer_state(synced if self.sync_momentum else synced + full[len(self.shared) :])
         self.wait_seconds += time.perf_counter() - started
         return bool(gathered)
 
@@ -400,6 +415,7 @@ class DiLoCo:
         with self.tracker.pause_updates():
             self.epoch = self.tracker.update_epoch(epoch)
         self.averager.state_sharing_priority = float(self.epoch)
+        self.averager.allow_state_sharing = not self.client_mode  # a trained state: worth offering
 
     def shutdown(self) -> None:
         self.tracker.shutdown()
@@ -509,7 +525,7 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
         self._catch_up_schedule()
 
     def prepare_last_step(self, max_steps: int) -> None:
-        self.diloco.last_epoch = max_steps
+        """Nothing to prepare: ``finish_pending`` applies the last round and syncs once after it."""
 
     def finish_pending(self) -> None:
         self.diloco.finish()
