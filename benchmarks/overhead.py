@@ -3,8 +3,11 @@
 Both run in this process, one after the other, on the same device with the same threads. The hivemind peer is alone
 in its swarm (its own DHT on loopback): every ``target_batch_size`` samples it takes its swarm step with no one to
 average with, so what is measured is the wrapper itself: the hand-over of gradients to hivemind, its host-side
-(offloaded) optimizer, progress reports to the DHT, our callbacks. Waiting for other peers is measured by
-``benchmarks.utilisation``.
+(offloaded) optimizer step, progress reports to the DHT, the pre-scheduled matchmaking it cancels, our callbacks.
+Every case's target is small enough that the timed window holds several swarm steps (``swarm_steps`` in the results),
+so the optimizer step is in the figure. hivemind 1.1.12 starts no all-reduce while it counts one peer (its
+optimizer's gradient-averaging step checks the peer count first): waiting for and averaging with other peers is
+measured by ``benchmarks.utilisation``.
 """
 
 from __future__ import annotations
@@ -22,32 +25,45 @@ from vitpeer.peer.core.strategy import HivemindStrategy
 
 
 class StepClock(pl.Callback):
-    """Samples per second over local steps ``warmup`` .. ``warmup + steps`` (counted across epochs); stops the run
-    after them."""
+    """Samples per second over local steps ``warmup`` .. ``warmup + steps`` (counted across epochs), and the swarm
+    steps taken in them (0 without a swarm); stops the run after them."""
 
     def __init__(self, warmup: int, steps: int):
         self.warmup, self.steps = warmup, steps
         self.seen = self.samples = 0
         self.started = self.ended = 0.0
+        self.epoch_start = self.epoch_end = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.seen == self.warmup:
             self.started = time.perf_counter()
+            self.epoch_start = swarm_epoch(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.seen += 1
         if self.seen > self.warmup:
             self.samples += len(batch[0])
             self.ended = time.perf_counter()
+            self.epoch_end = swarm_epoch(trainer)
         if self.seen >= self.warmup + self.steps:
             trainer.should_stop = True
+
+    @property
+    def swarm_steps(self) -> int:
+        return self.epoch_end - self.epoch_start
 
     @property
     def samples_per_second(self) -> float:
         return self.samples / (self.ended - self.started)
 
 
-def samples_per_second(config: RunConfig, hivemind_peer: bool, warmup: int, steps: int) -> float:
+def swarm_epoch(trainer: pl.Trainer) -> int:
+    """The swarm step a hivemind peer is at; 0 under plain Lightning."""
+    return getattr(trainer.strategy, "swarm_epoch", 0)
+
+
+def samples_per_second(config: RunConfig, hivemind_peer: bool, warmup: int, steps: int) -> tuple[float, int]:
+    """Samples per second over the timed local steps, and the swarm steps taken in them."""
     pl.seed_everything(0, verbose=False)
     classes = num_classes(config.data)
     net = build_model(config.model, classes)
@@ -75,17 +91,23 @@ def samples_per_second(config: RunConfig, hivemind_peer: bool, warmup: int, step
     finally:
         if dht is not None:
             dht.shutdown()
-    return clock.samples_per_second
+    return clock.samples_per_second, clock.swarm_steps
 
 
 CASES = {
     # name: (config, overrides, warm-up local steps, timed local steps)
-    "digits_tiny": ("digits_tiny", {}, 10, 120),
-    "vit_small_224": (
+    "digits_tiny": ("digits_tiny", {}, 10, 120),  # target 256 = 8 local steps: 15 swarm steps timed
+    "vit_small_224": (  # a local step takes seconds on a CPU: target 32 = 4 local steps, 3 swarm steps timed
         "digits_tiny",
-        {"model.name": "vit_small_patch16_224", "model.img_size": 224, "model.kwargs": {}, "data.batch_size": 8},
+        {
+            "model.name": "vit_small_patch16_224",
+            "model.img_size": 224,
+            "model.kwargs": {},
+            "data.batch_size": 8,
+            "swarm.target_batch_size": 32,
+        },
         2,
-        10,
+        12,
     ),
 }
 
@@ -96,13 +118,16 @@ def run(cases: list[str] | None = None) -> dict[str, Any]:
         config_name, overrides, warmup, steps = CASES[name]
         config = load_config(config_name, overrides)
         config.swarm.run_id = f"overhead-{name}-{time.time_ns()}"  # alone: no earlier benchmark's records
-        plain = samples_per_second(config, hivemind_peer=False, warmup=warmup, steps=steps)
-        peer = samples_per_second(config, hivemind_peer=True, warmup=warmup, steps=steps)
+        plain, _ = samples_per_second(config, hivemind_peer=False, warmup=warmup, steps=steps)
+        peer, swarm_steps = samples_per_second(config, hivemind_peer=True, warmup=warmup, steps=steps)
         results[name] = {
             "model": config.model.name,
             "img_size": config.model.img_size,
             "batch_size": config.data.batch_size,
+            "algorithm": config.swarm.algorithm,
+            "target_batch_size": config.swarm.target_batch_size,
             "timed_steps": steps,
+            "swarm_steps": swarm_steps,  # the hivemind peer's, inside the timed local steps
             "lightning_samples_per_s": plain,
             "hivemind_samples_per_s": peer,
             "ratio": peer / plain,

@@ -34,6 +34,7 @@ def one(peers: int, config: str, max_steps: int) -> dict[str, Any]:
         "seconds": seconds,
         "swarm_samples_per_s": samples / seconds,
         "share": min(clock["share"] for clock in clocks),
+        "free_share": min(clock["free_share"] for clock in clocks),
         "test_accuracy": accuracy,
     }
 
