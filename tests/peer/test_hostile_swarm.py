@@ -31,8 +31,8 @@ from vitpeer.peer.core.processes import stop_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first test waits for the whole scenario
 
-KILLS = 5
-MAX_STEPS = 80
+KILLS = 3
+MAX_STEPS = 50
 MATCHMAKING_TIME = 2.0  # digits_tiny's
 AVERAGING_TIMEOUT = 5.0
 STALL_BOUND = MATCHMAKING_TIME + AVERAGING_TIMEOUT
