@@ -397,18 +397,6 @@ def _die_with_us() -> None:  # in the child, before exec: SIGTERM (a clean leave
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def _relay(name: str, stream: Any, log_file: Path) -> None:
-    """Copy a peer's output to its log; echo our own progress lines, prefixed."""
-    from vitpeer.peer.commands.demo import OUR_LINE
-
-    with log_file.open("w") as sink:
-        for line in stream:
-            sink.write(line)
-            sink.flush()
-            if OUR_LINE.match(line):
-                print(f"[{name}] {line.split(' vitpeer ', 1)[1]}", end="", flush=True)
-
-
 class Sampler:
     """Both sides' ``tx_bytes`` every ``period`` seconds, with the wall clock, in a thread."""
 
@@ -457,6 +445,8 @@ def train_pair(
     link: Link, initial_peers: str, algorithm: str, target: int, steps: int, out: Path, verbose: bool = False
 ) -> tuple[list[subprocess.Popen], float]:
     """Start both peers of ``algorithm`` at once, each in its namespace on its own core; wait for them."""
+    from vitpeer.peer.commands.demo import relay
+
     config = out / f"wan_{algorithm}.yaml"
     config.write_text(MODEL_YAML.format(base=ALGORITHMS[algorithm]))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -484,13 +474,13 @@ def train_pair(
             )
             processes.append(process)
             name = f"{algorithm} peer {side + 1}"
-            relay = threading.Thread(target=_relay, args=(name, process.stdout, peer_dir / "log.txt"), daemon=True)
-            relay.start()
-            relays.append(relay)
+            echo = threading.Thread(target=relay, args=(name, process.stdout, peer_dir / "log.txt"), daemon=True)
+            echo.start()
+            relays.append(echo)
         for process in processes:
             process.wait(timeout=max(1.0, PEER_DEADLINE_S - (time.monotonic() - started)))
-        for relay in relays:
-            relay.join(timeout=5)
+        for echo in relays:
+            echo.join(timeout=5)
     finally:
         from vitpeer.peer.core.processes import stop_all
 

@@ -34,14 +34,14 @@ def peer_command(
     return command
 
 
-def _relay(index: int, stream, log_file: Path) -> None:
-    """Copy a peer's output to its log file; echo our own progress lines, prefixed."""
+def relay(name: str, stream, log_file: Path) -> None:
+    """Copy a peer's output to its log file; echo our own progress lines, prefixed with ``[name]``."""
     with log_file.open("w") as sink:
         for line in stream:
             sink.write(line)
             sink.flush()
             if OUR_LINE.match(line):
-                print(f"[peer {index}] {line.split(' vitpeer ', 1)[1]}", end="", flush=True)
+                print(f"[{name}] {line.split(' vitpeer ', 1)[1]}", end="", flush=True)
 
 
 def run_demo(
@@ -80,12 +80,13 @@ def run_demo(
                 env=env,
             )
             processes.append(process)
-            relay = threading.Thread(target=_relay, args=(index, process.stdout, peer_dir / "log.txt"), daemon=True)
-            relay.start()
-            relays.append(relay)
+            echo = threading.Thread(target=relay, args=(f"peer {index}", process.stdout, peer_dir / "log.txt"))
+            echo.daemon = True
+            echo.start()
+            relays.append(echo)
         codes = [process.wait() for process in processes]
-        for relay in relays:
-            relay.join(timeout=5)
+        for echo in relays:
+            echo.join(timeout=5)
     finally:
         stop_all(processes)
         bootstrap.shutdown()
