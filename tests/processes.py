@@ -61,18 +61,23 @@ def spawn(command: list[str], log: Path, module: str = "vitpeer.peer.cli", **env
 
 
 class Coordinator:
-    """``vitpeer coordinator`` on loopback (DHT at ``dht_port``, HTTP on a free port); checkpoints every 6 steps."""
+    """``vitpeer coordinator`` on loopback (DHT at ``dht_port``, HTTP on a free port) running ``config``,
+    checkpointing every ``checkpoint_every`` swarm steps."""
 
-    def __init__(self, state_dir: Path, dht_port: int, log: Path):
+    def __init__(
+        self, state_dir: Path, dht_port: int, log: Path, config: str | Path = CONFIG, checkpoint_every: int = 6
+    ):
         self.state_dir, self.dht_port, self.log = state_dir, dht_port, log
+        self.config, self.checkpoint_every = str(config), checkpoint_every
         self.process: subprocess.Popen | None = None
         self.url = ""
 
     def start(self, **env: str) -> None:
         offset = self.log.stat().st_size if self.log.exists() else 0
-        command = ["coordinator", "--config", CONFIG, "--state-dir", str(self.state_dir)]
+        command = ["coordinator", "--config", self.config, "--state-dir", str(self.state_dir)]
         command += ["--host-maddr", f"/ip4/127.0.0.1/tcp/{self.dht_port}", "--http-host", "127.0.0.1"]
-        command += ["--http-port", "0", "--checkpoint-every-steps", "6", "--keep-last", "3", "--download-timeout", "30"]
+        command += ["--http-port", "0", "--checkpoint-every-steps", str(self.checkpoint_every), "--keep-last", "3"]
+        command += ["--download-timeout", "30"]
         self.process = spawn(command, self.log, **env)
 
         def url() -> str | None:

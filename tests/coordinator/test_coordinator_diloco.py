@@ -22,7 +22,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hivemind.compression import NoCompression
-from processes import Coordinator, free_port, listed, peer, peer_id, spawn, wait_for
+from processes import Coordinator, free_port, listed, peer, peer_id, wait_for
 
 from vitpeer.coordinator.checkpoints import CheckpointStore
 from vitpeer.coordinator.state import DiLoCoState, open_swarm_state
@@ -156,32 +156,12 @@ swarm:
 """digits_tiny_diloco with short swarm steps, and outer momentum, which the coordinator must keep too."""
 
 
-class DiLoCoCoordinator(Coordinator):
-    """``processes.Coordinator`` with a config file of its own, checkpointing every ``EVERY`` swarm steps."""
-
-    def __init__(self, config: Path, state_dir: Path, dht_port: int, log: Path):
-        super().__init__(state_dir, dht_port, log)
-        self.config = config
-
-    def start(self, **env: str) -> None:
-        command = ["coordinator", "--config", str(self.config), "--state-dir", str(self.state_dir)]
-        command += ["--host-maddr", f"/ip4/127.0.0.1/tcp/{self.dht_port}", "--http-host", "127.0.0.1"]
-        command += ["--http-port", "0", "--checkpoint-every-steps", str(EVERY), "--download-timeout", "30"]
-        self.process = spawn(command, self.log, **env)
-
-        def url() -> str | None:
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            found = re.search(r"HTTP API at (http://\S+)", self.log.read_text())
-            return found.group(1) if found else None
-
-        self.url = wait_for("the coordinator's HTTP address", url, timeout=90)
-
-
 @pytest.mark.timeout(300)
 def test_a_peer_joining_after_everyone_left_enters_at_the_coordinators_step(tmp_path: Path):
     (tmp_path / "run.yaml").write_text(RUN)
     state_dir = tmp_path / "coordinator"
-    coordinator = DiLoCoCoordinator(tmp_path / "run.yaml", state_dir, free_port(), tmp_path / "coordinator.log")
+    log = tmp_path / "coordinator.log"
+    coordinator = Coordinator(state_dir, free_port(), log, config=tmp_path / "run.yaml", checkpoint_every=EVERY)
     coordinator.start()
     peers: list[subprocess.Popen] = []
     try:
