@@ -135,6 +135,10 @@ class SwarmSteps:
             events=self.events,
             dht=self.dht,
             run_id=swarm.run_id,
+            # hivemind 1.1.12 keeps client_mode None when it is not passed (``client_mode if client_mode is None else
+            # dht.client_mode``) while its averagers take the DHT's: a client-mode peer then offered its state and
+            # exited at its first download ("averager in client mode cannot share its state")
+            client_mode=self.dht.client_mode,
             target_batch_size=swarm.target_batch_size,
             params=params,
             optimizer=optimizer,

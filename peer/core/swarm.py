@@ -44,7 +44,7 @@ def start_dht(swarm: SwarmConfig, **extra) -> hivemind.DHT:
             host_maddrs=listen_maddrs(swarm),
             announce_maddrs=announce_maddrs(swarm),
             identity_path=str(swarm.identity_path) if swarm.identity_path else None,
-            client_mode=swarm.client_mode,  # set on the DHT: hivemind.Optimizer's own flag is ignored in 1.1.12
+            client_mode=swarm.client_mode,  # the swarm optimizer and its averagers take it from here
             use_relay=swarm.use_relay,
             use_auto_relay=swarm.use_auto_relay,
             startup_timeout=swarm.startup_timeout,

@@ -92,8 +92,8 @@ def test_diloco_peers_learn_together(scenario):
     root = scenario["root"]
     first, second = results(root, "a"), results(root, "b")
     assert first["swarm_epoch"] == second["swarm_epoch"] == STEPS
-    for found in (first, second):  # 12,288 samples of 10 classes: three times chance (0.1) at least
-        assert found["test_accuracy"] >= 0.3, found
+    for found in (first, second):  # 12,288 samples: 0.82 and 0.86 in two runs here (0.26 and 0.50 at lr 0.006)
+        assert found["test_accuracy"] >= 0.6, found
     losses = [loss for _, _, loss in steps(root / "a" / "log.txt")]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
     # Equal final parameters are asserted where two peers end alone together: the demo test (test_swarm.py). Under
@@ -121,7 +121,7 @@ def test_a_late_joiner_enters_with_the_shared_state(scenario):
     assert found, scenario["late_log"][-3000:]
     assert int(found.group(1)) >= scenario["late_started_at"]
     late = results(scenario["root"], "late")
-    assert late["swarm_epoch"] == STEPS and late["test_accuracy"] >= 0.3, late
+    assert late["swarm_epoch"] == STEPS and late["test_accuracy"] >= 0.6, late
 
 
 def test_a_peer_with_other_run_settings_is_refused_naming_the_field(scenario):
