@@ -4,8 +4,8 @@
     python -m benchmarks.run                      # everything (about 40 minutes on 2 CPU cores)
     python -m benchmarks.run --only averaging     # one or more of: overhead, utilisation, averaging, convergence, gpu
 
-Prints one table (figure, measured, goal, met) and writes all numbers to ``--json`` (default
-``benchmarks/results.json``) with the machine they were measured on.
+Prints one table (figure, measured, goal, met) of this run and writes its numbers into ``--json`` (default
+``benchmarks/results.json``), keeping the figures it did not measure, each with the machine it was measured on.
 """
 
 from __future__ import annotations
@@ -187,9 +187,27 @@ def main(only: tuple[str, ...], json_path: Path, seeds: int) -> None:
             results["wan"] = wan.run()
         else:
             click.echo(f"wan: not measured, {reason}")
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    merged = merge(json_path, results)
+    json_path.write_text(json.dumps(merged, indent=2) + "\n")
     click.echo(f"\nmeasured on {results['machine']}; all numbers in {json_path}\n")
     print_table(rows(results))
+
+
+def merge(json_path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """``json_path``'s figures with this run's replacing those it measured, so ``--only`` keeps the others. Each
+    figure keeps the machine and time it was measured on (``machines``)."""
+    kept: dict[str, Any] = {}
+    if json_path.is_file():
+        try:
+            kept = json.loads(json_path.read_text())
+        except json.JSONDecodeError:
+            click.echo(f"{json_path} is not JSON: written anew")
+    merged = {name: value for name, value in kept.items() if name in BENCHES}
+    machines = dict(kept.get("machines") or {})
+    for name, value in results.items():
+        if name in BENCHES:
+            merged[name], machines[name] = value, results["machine"]
+    return {"machine": results["machine"], "machines": machines, **merged}
 
 
 if __name__ == "__main__":

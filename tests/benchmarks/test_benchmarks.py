@@ -3,11 +3,13 @@ the table judges each figure against its goal."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
-from benchmarks import averaging, gpu, wan
+from benchmarks import averaging, gpu, run, wan
 from benchmarks.run import rows
 
 
@@ -113,3 +115,15 @@ def test_table_voids_the_bytes_ratio_when_the_gradient_peers_never_averaged():
     case |= {"bytes_per_sample_ratio": 100.0, "bytes_per_sample_ratio_rounds": 100.0}
     (row,) = [row for row in rows({"wan": case}) if "bytes per trained sample" in row[0]]
     assert row[1].startswith("void: the gradient peers averaged in 0 of 8") and row[3] == "-", row
+
+
+def test_a_partial_run_keeps_the_figures_it_did_not_measure(tmp_path: Path):
+    path = tmp_path / "results.json"
+    old = {"when": "earlier"}
+    path.write_text(json.dumps({"machine": old, "convergence": {"gap_points": 0.5}, "scaling": {"old": 1}}))
+    new = {"when": "now"}
+    merged = run.merge(path, {"machine": new, "scaling": {"new": 2}})
+    assert merged["convergence"] == {"gap_points": 0.5} and merged["scaling"] == {"new": 2}
+    assert merged["machines"] == {"scaling": new} and merged["machine"] == new
+    path.write_text("not json")
+    assert run.merge(path, {"machine": new, "wan": {}})["machines"] == {"wan": new}
