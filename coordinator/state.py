@@ -12,6 +12,9 @@ interface (``SwarmState``; ``open_swarm_state`` picks):
 Either way the coordinator never joins an averaging round (it never calls ``step``); it only
 
 - downloads the state from the most advanced peer (``download``) into its network (``net``) for evaluation and export,
+  after the check every peer makes (``remote_state.StateCheck``: this run's shapes and dtypes, no NaN or Inf,
+  a swarm step at most ``EPOCH_AHEAD`` past the newest in the peers' progress records); a refused state is never
+  written, and the peer with the next priority is asked,
 - writes it as a checkpoint (``state_dict``) and reads it back after a restart (``load_state_dict``), and
 - offers its own copy to peers that join (``share``), with a priority just below a live peer at the same step, so a
   joiner asks live peers first and the coordinator when everyone has left.
@@ -32,15 +35,15 @@ import hivemind
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hivemind.optim.state_averager import TrainingStateAverager
 from torch import nn
 from torch.utils.data import DataLoader
 
 from vitpeer.peer.core.config import ConfigError, RunConfig
 from vitpeer.peer.core.data import num_classes
 from vitpeer.peer.core.diloco import OuterAverager
-from vitpeer.peer.core.hivemind_adapters import catch_up_scheduler
+from vitpeer.peer.core.hivemind_adapters import TrainingStateAverager, catch_up_scheduler
 from vitpeer.peer.core.model import ImageClassifier, build_model
+from vitpeer.peer.core.remote_state import StateCheck, can_read_progress, download_bound, training_state_check
 from vitpeer.peer.core.strategy import COMPRESSION, factory_form
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class SwarmState:
     """Downloads the state and serves it, under the prefix the peers of ``algorithm`` use."""
 
     def __init__(self, config: RunConfig):
+        self.run_id = config.swarm.run_id
         pl.seed_everything(config.trainer.seed, verbose=False)
         model = config.model.model_copy(update={"pretrained": False, "weights": None})  # weights come from peers
         self.num_classes = num_classes(config.data)
@@ -75,6 +79,27 @@ class SwarmState:
     def download(self, timeout: float) -> bool:
         """Fetch the newest state from the peers within ``timeout`` s; True if it moved us to a newer step."""
         raise NotImplementedError
+
+    @property
+    def refused_states(self) -> int:
+        """States peers sent that failed the check (``remote_state.StateCheck``): never taken nor written."""
+        return self.averager.refused_states
+
+    def furthest_epoch(self) -> int | None:
+        """The newest swarm step a downloaded state may have (``download_bound``): ``EPOCH_AHEAD`` past the newest
+        step in the peers' progress records. The coordinator sets no ``max_steps`` cap: it follows whatever the peers
+        train, and its config's ``trainer.max_steps`` is not theirs to share (the fingerprint leaves it out). Without
+        progress records there is no swarm to download from (``run.py`` downloads when the reports show progress)."""
+        return download_bound(self.averager.dht, self.run_id, self.epoch)
+
+    def _report_refusals(self, before: int) -> None:
+        if self.refused_states > before:
+            log.warning(
+                "refused %d state(s) peers sent (other shapes or dtypes, NaN or Inf, or a swarm step too far ahead; "
+                "%d so far): not written",
+                self.refused_states - before,
+                self.refused_states,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint holds: ``algorithm``, ``model`` (the network's state dict), ``swarm_epoch``, and the
@@ -102,6 +127,7 @@ class SwarmState:
 def open_swarm_state(config: RunConfig, dht: hivemind.DHT) -> SwarmState:
     """The ``SwarmState`` that speaks ``config.swarm.algorithm``'s protocol, started on ``dht``."""
     kind = DiLoCoState if config.swarm.algorithm == "diloco" else GradientState
+    can_read_progress(dht, config.swarm.run_id)  # the bound on a downloaded state's step reads the peers' progress
     return kind(config, dht)
 
 
@@ -124,18 +150,21 @@ class GradientState(SwarmState):
             allow_state_sharing=False,  # nothing worth serving until a download or a checkpoint
             start=True,
         )
+        self.averager.state_check = lambda: training_state_check(self.averager, self.furthest_epoch())
 
     @property
     def epoch(self) -> int:
         return self.averager.local_epoch
 
     def download(self, timeout: float) -> bool:
-        before = self.epoch
+        before, refused = self.epoch, self.refused_states
         try:
             with _scheduler_catch_up():
                 self.averager.load_state_from_peers(timeout=timeout)
         except FutureTimeout as err:
             raise TimeoutError(f"no peer sent its state within {timeout:.0f} s") from err
+        finally:
+            self._report_refusals(refused)
         if self.epoch <= before:
             return False
         self.share()
@@ -182,16 +211,24 @@ class DiLoCoState(SwarmState):
             allow_state_sharing=False,  # nothing worth serving until a download or a checkpoint
             start=True,
         )
+        self.averager.state_check = lambda: self.expected_state(self.furthest_epoch())
 
     @property
     def epoch(self) -> int:
         return self._epoch
 
+    def expected_state(self, max_epoch: int | None) -> StateCheck:
+        """A shared state in ``DiLoCo.outer_state``'s layout: this network's shapes in fp32, twice."""
+        return StateCheck(layout=tuple((param.shape, torch.float32) for param in self.params) * 2, max_epoch=max_epoch)
+
     def download(self, timeout: float) -> bool:
+        refused = self.refused_states
         try:
             loaded = self.averager.load_state_from_peers(timeout=timeout)
         except FutureTimeout as err:
             raise TimeoutError(f"no peer sent its state within {timeout:.0f} s") from err
+        finally:
+            self._report_refusals(refused)
         if loaded is None:  # no peer offers its state, or every offer failed
             return False
         metadata, tensors = loaded
@@ -220,15 +257,9 @@ class DiLoCoState(SwarmState):
 
     def _take(self, epoch: int, shared: list[torch.Tensor], momentum: list[torch.Tensor]) -> None:
         """Take ``shared`` into the network and ``momentum`` as the outer momentum, at swarm step ``epoch``; refuse
-        (ValueError) a state of other shapes or with NaN/Inf, as a peer does."""
-        expected = [param.shape for param in self.params]
-        if [t.shape for t in shared] != expected or [t.shape for t in momentum] != expected:
-            raise ValueError(
-                f"the state of swarm step {epoch} holds {len(shared) + len(momentum)} tensors of other shapes than "
-                f"this run's network (2 x {len(expected)}): is a peer training another model under this run id?"
-            )
-        if not all(torch.isfinite(t).all() for t in [*shared, *momentum]):
-            raise ValueError(f"the state of swarm step {epoch} holds NaN or Inf: not taken")
+        (``StateRefused``, a ValueError) a state that fails the peers' check (downloads are checked before they get
+        here; a checkpoint file is checked here)."""
+        self.expected_state(max_epoch=None).verify({"epoch": epoch}, [*shared, *momentum])
         with torch.no_grad(), self.lock:
             for param, value in zip(self.params, shared, strict=True):
                 param.copy_(value)

@@ -20,7 +20,8 @@ Series, besides the host's (``vitpeer.monitor.host``) and prometheus_client's st
                                                flight when the next is due, syncs, downloads; gradient: each step's
                                                gradient all-reduce unless --overlap, downloads)
     vitpeer_compute_seconds_total              local steps' wall time less the time blocked inside them
-    vitpeer_state_downloads_total{outcome}     loaded | current | failed
+    vitpeer_state_downloads_total{outcome}     loaded | current | failed; refused: a state a peer sent that failed
+                                               the check (shapes, dtypes, NaN/Inf, step too far ahead), not taken
     vitpeer_batches_skipped_total{reason}      nonfinite: local batches whose NaN/Inf gradients were not sent
 
 The training numbers are read from the trainer at scrape time (nothing is added to the training step); rounds and
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from vitpeer.peer.core.strategy import HivemindStrategy
 
 ROUND_OUTCOMES = ("averaged", "failed", "alone")
-DOWNLOAD_OUTCOMES = ("loaded", "current", "failed")
+DOWNLOAD_OUTCOMES = ("loaded", "current", "failed", "refused")
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 """Seconds: a loopback round of a small model takes ~0.1 s, a ViT-B round over the internet tens of seconds."""
 

@@ -30,11 +30,15 @@ Rules that keep the swarm together:
   one matchmaking window.
 - A round that fails (timeout, a peer left mid-round) is not applied: its progress stays in the local parameters and
   goes into the peer's next pseudo-gradient, and the next hand-off begins with a sync (above).
-- A peer whose pseudo-gradient holds NaN or Inf does not send it: it drops that round's progress and returns to
-  ``shared``, so the poison never reaches the others.
+- Non-finite values never reach the others: a local batch whose gradients hold NaN or Inf is not stepped; an inner
+  step that leaves NaN or Inf in the parameters (finite gradients can overflow) is undone by returning to where the
+  round began (its inner optimizer statistics that went non-finite are reset); and a peer whose pseudo-gradient
+  still holds NaN or Inf does not send it: it drops that round's progress and returns to ``shared``.
 - A straggler costs the others at most ``matchmaking_time`` + ``averaging_timeout``: the round goes on without it.
 - A late joiner downloads ``shared``, the outer momentum and the swarm step within ``load_state_timeout`` from the
-  peer with the newest swarm step (the state-sharing protocol of hivemind's ``DecentralizedAverager``). A peer offers
+  peer with the newest swarm step (the state-sharing protocol of hivemind's ``DecentralizedAverager``). A state of
+  other shapes or dtypes, with NaN or Inf, or too far ahead (``remote_state.StateCheck``) is refused and the
+  peer with the next priority asked. A peer offers
   its state only once it has applied a round: peers that start a swarm together do not download each other's
   untrained state (a whole model each, 18-24 s over a 100 Mbit/s link).
 """
@@ -57,6 +61,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 
 from vitpeer.peer.core.events import SwarmEvents, allreduce_bytes_sent
 from vitpeer.peer.core.hivemind_adapters import GroupSizedAverager, say_goodbye
+from vitpeer.peer.core.remote_state import StateCheck, download_bound
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,7 @@ class DiLoCo:
     optimizer. The training loop calls ``after_local_step(samples)`` after every inner optimizer step.
 
     ``params`` are the module's parameters (on any device); they are read and rebased in place, never replaced.
+    ``max_steps``: the run's last swarm step (``trainer.max_steps``); no downloaded state may be past it.
     """
 
     def __init__(
@@ -130,8 +136,10 @@ class DiLoCo:
         progress_expiration: float,
         sync_every: int,
         client_mode: bool = False,
+        max_steps: int | None = None,
     ):
         self.params = list(params)
+        self.max_steps, self.run_id = max_steps, run_id
         self.dht = dht
         self.matchmaking_time, self.averaging_timeout = matchmaking_time, averaging_timeout
         self.load_state_timeout, self.sync_every = load_state_timeout, sync_every
@@ -174,6 +182,7 @@ class DiLoCo:
             allow_state_sharing=False,  # on once this peer has applied a round (``_rebase``): nothing to offer before
             **averager_args,
         )
+        self.averager.state_check = self.expected_state
         self.client_mode = client_mode
         self.sync_momentum = outer_momentum > 0  # without momentum its buffers are zeros: not worth sending
         self.syncer = GroupSizedAverager(  # exact (fp32) averaging of the shared state itself
@@ -300,9 +309,15 @@ class DiLoCo:
             "the shared parameters (check the learning rate, the data and the precision)",
             epoch,
         )
+        self.discard_local_progress()
+
+    def discard_local_progress(self) -> None:
+        """Local parameters back to where this peer's current progress began: the hand-off of the round in flight
+        (whose result will rebase them), else ``shared``."""
+        base = self.in_flight.hand_off if self.in_flight is not None else self.shared
         with torch.no_grad():
-            for param, shared in zip(self.params, self.shared, strict=True):
-                param.copy_(shared.to(param.device, param.dtype))
+            for param, value in zip(self.params, base, strict=True):
+                param.copy_(value.to(param.device, param.dtype))
         self.writes += 1
 
     def _rebase(self, base: Sequence[torch.Tensor]) -> None:
@@ -313,8 +328,15 @@ class DiLoCo:
                 moved = param.detach().to("cpu", torch.float32) - b
                 param.copy_((s + moved).to(param.device, param.dtype))
         self.writes += 1
-        self.averager.state_sharing_priority = float(self.epoch)
-        self.averager.allow_state_sharing = not self.client_mode
+        self._offer_state()
+
+    def _offer_state(self) -> None:
+        """Offer ``shared`` to joiners, with this swarm step as its priority. Not in client mode: others cannot
+        reach this peer, and hivemind refuses any priority there ("averager in client mode cannot share its
+        state", which ended a client-mode peer at its first round)."""
+        if not self.client_mode:
+            self.averager.state_sharing_priority = float(self.epoch)
+            self.averager.allow_state_sharing = True
 
     # --- the shared state: synced exactly, served to joiners, downloaded when behind --------------------------
 
@@ -375,37 +397,49 @@ class DiLoCo:
         self.wait_seconds += time.perf_counter() - started
         return bool(gathered)
 
+    def expected_state(self) -> StateCheck:
+        """What a downloaded shared state must be: ``shared`` and the momentum (fp32, this peer's shapes), at most
+        ``EPOCH_AHEAD`` swarm steps past the newest this peer sees and never past ``max_steps`` (``download_bound``)."""
+        layout = tuple((s.shape, torch.float32) for s in self.shared) * 2
+        return StateCheck(layout=layout, max_epoch=download_bound(self.dht, self.run_id, self.epoch, self.max_steps))
+
+    @property
+    def refused_states(self) -> int:
+        """Downloaded states refused so far (``remote_state.StateCheck``): never applied."""
+        return self.averager.refused_states
+
     def load_state_from_peers(self) -> bool:
-        """Download the shared state within ``load_state_timeout``; True if it moved this peer."""
+        """Download the shared state within ``load_state_timeout``; True if it moved this peer. Every state is
+        checked before it is taken (``expected_state``): a refused one is skipped for the peer with the next
+        priority."""
         started = time.perf_counter()
         deadline = time.monotonic() + self.load_state_timeout
         loaded, empty = None, 0
         while loaded is None and empty < 3 and time.monotonic() < deadline:
+            refused = self.refused_states
             try:
                 loaded = self.averager.load_state_from_peers(timeout=max(1.0, deadline - time.monotonic()))
                 empty += loaded is None  # nobody offered a state (a new swarm), or every offer failed
             except Exception as err:  # a download timed out: try again until the deadline
                 log.debug("a state download failed: %r", err)
+            if loaded is None and self.refused_states > refused:
+                break  # every peer that answered sent a state that was refused: asking them again changes nothing
             if loaded is None and time.monotonic() < deadline:
                 time.sleep(0.5)
         self.wait_seconds += time.perf_counter() - started
         if loaded is None:
-            log.info("no peer offered the shared state; training on from this peer's own")
+            log.info("no peer offered an acceptable shared state; training on from this peer's own")
             return False
         metadata, tensors = loaded
         if int(metadata["epoch"]) < self.epoch:  # e.g. only the coordinator serves, a step behind: keep our own
             log.info("the offered shared state (swarm step %s) is older than ours: kept ours", metadata["epoch"])
-            return False
-        expected = [s.shape for s in self.shared] * 2
-        if [t.shape for t in tensors] != expected or not all(torch.isfinite(t).all() for t in tensors):
-            log.warning("a peer sent a shared state of other shapes or with NaN/Inf: ignored")
             return False
         self.in_flight = None  # a round of an older step: its result no longer applies
         self._take_outer_state(tensors)
         with self.tracker.pause_updates():
             self.epoch = self.tracker.update_epoch(max(self.epoch, int(metadata["epoch"])))
         self.samples = 0
-        self.averager.state_sharing_priority = float(self.epoch)
+        self._offer_state()
         log.info("loaded the shared state of swarm step %s in %.1f s", metadata["epoch"], time.perf_counter() - started)
         return True
 
@@ -414,8 +448,7 @@ class DiLoCo:
         self._set_outer_state(tensors)
         with self.tracker.pause_updates():
             self.epoch = self.tracker.update_epoch(epoch)
-        self.averager.state_sharing_priority = float(self.epoch)
-        self.averager.allow_state_sharing = not self.client_mode  # a trained state: worth offering
+        self._offer_state()  # a trained state: worth offering
 
     def shutdown(self) -> None:
         self.tracker.shutdown()
@@ -435,14 +468,19 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
 
     def __init__(self, inner: torch.optim.Optimizer, scheduler: Any | None, diloco: DiLoCo, events: SwarmEvents):
         self.opt, self.scheduler, self.diloco, self.events = inner, scheduler, diloco, events
-        self.defaults, self.state = inner.defaults, inner.state
+        self.defaults = inner.defaults
         self.skipped_batches = 0
         """Local batches whose gradients held NaN or Inf: not stepped, not counted toward the swarm's target."""
         self.parameters_version = 0
         """Bumped whenever the outer loop wrote the parameters (a round applied, a sync, a download)."""
         self._reported_rounds = 0
         self._reported_wait = 0.0  # of ``DiLoCo.wait_seconds``, passed on to the events
+        self._reported_refused = 0  # of ``DiLoCo.refused_states``, passed on to the events
         self._alive = True
+
+    @property
+    def state(self) -> dict:  # the inner optimizer's live dict: torch's load_state_dict replaces it on a restore
+        return self.opt.state
 
     @property
     def param_groups(self) -> list[dict]:  # Lightning reads and sets the learning rate through these
@@ -483,12 +521,36 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
             self.events.batch_skipped("nonfinite")
             return loss
         self.opt.step()
+        if self._inner_step_overflowed():
+            return loss
         before = self.diloco.epoch
         self.diloco.after_local_step(batch_size or 0)
         self._after_outer()
         if self.diloco.epoch != before:
             self._catch_up_schedule()
         return loss
+
+    def _inner_step_overflowed(self) -> bool:
+        """After an inner step from finite gradients: if the parameters went NaN or Inf (an overflow in the step),
+        undo this peer's progress back to where it began (``DiLoCo.discard_local_progress``) and reset the inner
+        optimizer's statistics that went non-finite, so the next steps start clean. Counted as a skipped batch."""
+        params = [p for group in self.opt.param_groups for p in group["params"]]
+        if not params or torch.isfinite(torch.nn.utils.get_total_norm(params)):
+            return False
+        self.skipped_batches += 1
+        log.warning(
+            "an inner step at swarm step %d left NaN or Inf in the parameters: back to where this round began "
+            "(check the learning rate and the precision)",
+            self.local_epoch,
+        )
+        self.events.batch_skipped("nonfinite")
+        self.diloco.discard_local_progress()
+        for param in params:
+            state = self.opt.state.get(param, {})
+            if any(isinstance(v, torch.Tensor) and not torch.isfinite(v).all() for v in state.values()):
+                del self.opt.state[param]
+        self._after_outer()
+        return True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.opt.zero_grad(set_to_none=set_to_none)
@@ -502,12 +564,16 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
                 self.scheduler.step()
 
     def _after_outer(self) -> None:
-        """Report rounds that ended (with their estimated bytes sent) and the training thread's new time blocked on
-        the swarm; count writes to the parameters."""
+        """Report rounds that ended (with their estimated bytes sent), refused states and the training thread's new
+        time blocked on the swarm; count writes to the parameters."""
         for result in self.diloco.rounds[self._reported_rounds :]:
             seconds = result.seconds if result.outcome == "averaged" else None
             self.events.averaging_round(result.outcome, seconds, result.bytes_sent)
         self._reported_rounds = len(self.diloco.rounds)
+        refused = self.diloco.refused_states
+        for _ in range(refused - self._reported_refused):  # downloads here and in ``after_local_step``'s catch-up
+            self.events.state_download("refused", 0.0)
+        self._reported_refused = refused
         if self.diloco.wait_seconds > self._reported_wait:
             self.events.waited(self.diloco.wait_seconds - self._reported_wait)
             self._reported_wait = self.diloco.wait_seconds

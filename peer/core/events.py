@@ -87,7 +87,9 @@ class SwarmEvents:
     def state_download(self, outcome: str, seconds: float) -> None:
         """A download of the swarm's state ended: ``loaded`` (moved this peer to a newer swarm step), ``current``
         (no peer had a newer one) or ``failed`` (given up at ``load_state_timeout``). Its time is reported through
-        ``waited`` as well."""
+        ``waited`` as well. Besides, ``refused`` (``seconds`` 0) once for every state a peer sent that failed the
+        check (``remote_state.StateCheck``: other shapes or dtypes, NaN or Inf, a swarm step too far ahead): it
+        was not applied, and the peer with the next priority was asked, in the same download."""
 
     def batch_skipped(self, reason: str) -> None:
         """A local batch's gradients were kept out of the swarm: ``nonfinite`` (NaN or Inf in them)."""

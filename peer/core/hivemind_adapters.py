@@ -22,13 +22,24 @@ What each adapter changes in hivemind, and the private names it touches:
   - a goodbye that waits: ``say_goodbye`` stores the tracker's farewell under ``tracker._local_public_key``.
   - checkpoint restore: ``catch_up_scheduler`` calls ``TrainingStateAverager._update_scheduler`` (the coordinator
     uses it too).
+  - a guard for ``use_local_updates``: there hivemind steps the optimizer every local batch and never calls
+    ``_check_and_accumulate_gradients``, so the public ``step`` keeps a non-finite batch from the optimizer.
+  - checked downloads: ``load_state_from_peers`` arms each download's ``_LoadDeadline`` and reports the states its
+    averagers refused (``_CheckedDownload``).
 - ``_GroupSized``, mixed into hivemind's two averager classes: it sends ``_set_group_size`` through the averager's
   ``_outer_pipe``, and in the averager's process sets ``_matchmaking.target_group_size``.
 - ``_LoadDeadline`` ends hivemind's endless retry loop of state downloads. It replaces the averagers' public
-  ``load_state_from_peers``, but it changes what hivemind's own loop does.
+  ``load_state_from_peers``, but it changes what hivemind's own loop does. Each download is armed with its own
+  deadline before hivemind's loop starts; the loop's retries keep it.
+- ``_CheckedDownload``, mixed into ``TrainingStateAverager`` and ``GroupSizedAverager``: a downloaded state is
+  checked (``StateCheck``) before anyone takes it, inside hivemind's private ``_load_state_from_peers`` (the
+  averager's process), which it wraps; the check for each download travels there through ``_outer_pipe``
+  (``_arm_state_check``). A refused state raises where hivemind catches a failed peer, so hivemind's own loop goes on
+  to the peer with the next priority.
 - ``dht_node_validators`` reads a DHT node's ``record_validator._validators`` to count refused records
   (``core.records``).
-- ``GroupSizedAverager``: a plain ``DecentralizedAverager`` with ``_GroupSized`` (the DiLoCo rounds, ``core.diloco``).
+- ``GroupSizedAverager``: a plain ``DecentralizedAverager`` with ``_GroupSized`` and ``_CheckedDownload`` (the DiLoCo
+  rounds and state, ``core.diloco``).
 - ``use_our_8bit_codec`` puts ``core.quantization.Blockwise8BitCompression`` into hivemind's private table of
   decoders, ``hivemind.compression.serialization._BASE_COMPRESSION_TYPES``, under the wire name ``UNIFORM_8BIT``.
 
@@ -37,9 +48,12 @@ The gradient averager's class and options reach hivemind through the public ``gr
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import multiprocessing as mp
 import time
+from collections.abc import Callable
 
 import hivemind
 import torch
@@ -50,6 +64,7 @@ from hivemind.optim import optimizer as hivemind_optimizer
 from hivemind.utils import get_dht_time
 
 from vitpeer.peer.core.events import SwarmEvents, allreduce_bytes_sent
+from vitpeer.peer.core.remote_state import StateCheck, StateRefused, download_bound, training_state_check
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +80,25 @@ class _LoadDeadline:
     ``hivemind.Optimizer.load_state_from_peers`` retries forever while downloads fail (hivemind#453, #653). Before
     the deadline a failure propagates (hivemind retries); after it, the failure is logged and swallowed, so hivemind's
     loop ends and the peer goes on from its local state. Each attempt's own timeout is cut to the time left.
+
+    ``arm`` starts a new download: its deadline is ``timeout`` after its first attempt, and every retry hivemind makes
+    until the next ``arm`` shares it. A call without ``arm`` before it (a download outside ``SwarmOptimizer``) is a
+    new download of its own.
     """
 
     def __init__(self, load_state_from_peers, timeout: float):
         self.load, self.timeout = load_state_from_peers, timeout
-        self.deadline: float | None = None
-        self.gave_up = False  # the last load ended at the deadline without a state
+        self.deadline: float | None = None  # None: the next attempt begins a new download
+        self.armed = False
+        self.gave_up = False  # the last download ended at the deadline without a state
+
+    def arm(self) -> None:
+        """The next call begins a new download with the full ``timeout``."""
+        self.deadline, self.armed, self.gave_up = None, True, False
 
     def __call__(self, **kwargs):
         now = time.monotonic()
-        if self.deadline is None or now > self.deadline + self.timeout:  # a new load, not a retry of the last one
+        if self.deadline is None or not self.armed:
             self.deadline, self.gave_up = now + self.timeout, False
         kwargs["timeout"] = max(1.0, min(kwargs.get("timeout") or self.timeout, self.deadline - now))
         try:
@@ -85,6 +109,63 @@ class _LoadDeadline:
             log.warning("giving up loading state from peers after %.0f s (%r); training on", self.timeout, err)
             self.gave_up = True
             return None
+
+
+class _CheckedResult:
+    """Stands for hivemind's future in its download loop: a state that fails ``check`` raises where hivemind catches
+    a failed peer, so hivemind tries the peer with the next priority; one that passes goes to ``future``."""
+
+    def __init__(self, future, check: StateCheck | None, refused):
+        self.future, self.check, self.refused = future, check, refused
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_result(self, result) -> None:
+        if result is not None and self.check is not None:
+            reason = self.check.refusal(*result)
+            if reason is not None:
+                with self.refused.get_lock():
+                    self.refused.value += 1
+                log.warning("refused a state from a peer: %s; trying the next peer", reason)
+                raise StateRefused(reason)
+        self.future.set_result(result)
+
+
+class _CheckedDownload:
+    """An averager that checks every state it downloads before handing it on (mixed into hivemind's averagers).
+
+    hivemind's download (``DecentralizedAverager._load_state_from_peers``, in the averager's process) asks the peers
+    in order of their announced priority and hands on the first state it receives, whatever it holds; its callers
+    (``TrainingStateAverager.load_state_from_peers``, ``DiLoCo``, the coordinator) would then apply it. Here the
+    state is checked in that loop, against the ``StateCheck`` that ``state_check`` (set by the owner, in this
+    process) builds for each download, so a refused peer is skipped and the next one asked. ``refused_states``
+    counts the refusals (a counter in shared memory, written in the averager's process)."""
+
+    state_check: Callable[[], StateCheck | None] | None = None
+    """Builds the check for the next download (in the host process, when the download begins)."""
+
+    def __init__(self, *args, **kwargs):
+        self._refused = mp.Value(ctypes.c_int, 0)  # before super() starts the averager's process: it is shared
+        self._check: StateCheck | None = None  # the averager process's copy, armed for each download
+        super().__init__(*args, **kwargs)
+
+    @property
+    def refused_states(self) -> int:
+        """States refused since this averager started."""
+        return self._refused.value
+
+    def load_state_from_peers(self, *args, **kwargs):
+        check = self.state_check() if self.state_check is not None else None
+        # pipe messages run in order in the averager's process: the check is in place before the download begins
+        self._outer_pipe.send(("_arm_state_check", [check], {}))
+        return super().load_state_from_peers(*args, **kwargs)
+
+    async def _arm_state_check(self, check: StateCheck | None) -> None:  # runs in the averager's process
+        self._check = check
+
+    async def _load_state_from_peers(self, future, timeout: float | None = None):  # runs in the averager's process
+        await super()._load_state_from_peers(_CheckedResult(future, self._check, self._refused), timeout=timeout)
 
 
 class _GroupSized:
@@ -120,12 +201,12 @@ class GradientAverager(_GroupSized, grad_averager.GradientAverager):
     """hivemind's gradient averager, with ``_GroupSized``."""
 
 
-class TrainingStateAverager(_GroupSized, state_averager.TrainingStateAverager):
-    """hivemind's training-state averager, with ``_GroupSized``."""
+class TrainingStateAverager(_GroupSized, _CheckedDownload, state_averager.TrainingStateAverager):
+    """hivemind's training-state averager, with ``_GroupSized`` and ``_CheckedDownload``."""
 
 
-class GroupSizedAverager(_GroupSized, hivemind.DecentralizedAverager):
-    """hivemind's plain averager, with ``_GroupSized``."""
+class GroupSizedAverager(_GroupSized, _CheckedDownload, hivemind.DecentralizedAverager):
+    """hivemind's plain averager, with ``_GroupSized`` and ``_CheckedDownload``."""
 
 
 def use_our_8bit_codec() -> None:
@@ -170,11 +251,15 @@ def say_goodbye(dht: hivemind.DHT, tracker) -> None:
 
 
 class SwarmOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer with a deadline on state downloads, checkpoint restore that keeps the LR in step, a guard
-    that keeps non-finite gradients out of the swarm, and ``SwarmEvents`` for rounds, downloads and skipped batches."""
+    """hivemind.Optimizer with a deadline on state downloads, a check of every downloaded state, checkpoint restore
+    that keeps the LR in step, a guard that keeps non-finite gradients out of the swarm, and ``SwarmEvents`` for
+    rounds, downloads and skipped batches.
 
-    def __init__(self, events: SwarmEvents | None = None, **kwargs):
+    ``max_steps``: the run's last swarm step (``trainer.max_steps``); no downloaded state may be past it."""
+
+    def __init__(self, events: SwarmEvents | None = None, max_steps: int | None = None, **kwargs):
         self.events = events or SwarmEvents()
+        self.max_steps = max_steps
         if not kwargs.get("use_local_updates"):  # hivemind refuses a gradient averager factory with local updates
             # hivemind 1.1.12 forwards averager_opts to the state averager only, though its docstring says both: the
             # gradient averager kept request_timeout = 3 s against a shorter matchmaking_time, which hivemind itself
@@ -198,6 +283,13 @@ class SwarmOptimizer(hivemind.Optimizer):
         # hivemind writes the parameters in these two private methods (and in a download); it tells no one when
         for name in ("_apply_optimizer_parameters_", "_apply_averaging_results_", "load_state_from_peers"):
             setattr(state, name, self._bumps_version(getattr(state, name)))
+        state.state_check = self.expected_state
+
+    def expected_state(self) -> StateCheck:
+        """What a downloaded state must be (``StateCheck``): this peer's layout, at most ``EPOCH_AHEAD`` swarm steps
+        past the newest it sees, never past ``max_steps`` (``download_bound``)."""
+        bound = download_bound(self.dht, self.run_id, self.local_epoch, self.max_steps)
+        return training_state_check(self.state_averager, bound)
 
     def _bumps_version(self, writes_parameters):
         def wrapped(*args, **kwargs):
@@ -222,6 +314,11 @@ class SwarmOptimizer(hivemind.Optimizer):
             hivemind_optimizer.TrainingStateAverager = state_averager.TrainingStateAverager
 
     def _maybe_schedule_gradient_averaging(self) -> None:
+        if self.tracker.global_progress.num_peers <= 1:
+            # alone, hivemind pre-schedules a round only to cancel it when the step comes ("no other peers"); a cancel
+            # that landed while a joining peer was matching with this averager once left its matchmaking broken for
+            # the rest of the run (test_prometheus.py, 1 run in 6: neither peer averaged again)
+            return
         # hivemind pre-schedules the next round's matchmaking here: size the group first (see ``_GroupSized``)
         self._size_groups(self.grad_averager)
         super()._maybe_schedule_gradient_averaging()
@@ -241,18 +338,40 @@ class SwarmOptimizer(hivemind.Optimizer):
         # parameters, into NaN. A batch with non-finite gradients is left out of this peer's accumulator (the good
         # ones gathered before stay), its samples are not reported, and the step goes on: this peer still takes part
         # in the round with what it has, so it stays in step with the swarm.
-        grads = [param.grad for param in self.state_averager.main_parameters if param.grad is not None]
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            self.skipped_batches += 1
-            log.warning(
-                "non-finite gradients (NaN or Inf) in a local batch at swarm step %d: not sent to the swarm "
-                "(%d such batches so far); check the learning rate, the data and the precision",
-                self.local_epoch,
-                self.skipped_batches,
-            )
-            self.events.batch_skipped("nonfinite")
+        if self._skips_nonfinite_batch():
             return True
         return super()._check_and_accumulate_gradients(batch_size, grad_scaler)
+
+    def step(self, closure=None, batch_size: int | None = None, grad_scaler=None):
+        if not self.use_local_updates or self.auxiliary:
+            return super().step(closure, batch_size, grad_scaler)
+        # With local updates hivemind steps the optimizer on every batch and never calls the guard above; the
+        # parameters it moves are averaged with the swarm's in the next state round. So a batch with non-finite
+        # gradients is not stepped at all here (nor counted toward the swarm's target). hivemind's own order is kept:
+        # delayed updates applied, then the closure, then the step.
+        self.state_averager.step(apply_delayed_updates=True)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._skips_nonfinite_batch():
+            super().step(batch_size=batch_size, grad_scaler=grad_scaler)
+        return loss
+
+    def _skips_nonfinite_batch(self) -> bool:
+        """True, counted and logged, when this local batch's gradients hold NaN or Inf."""
+        grads = [param.grad for param in self.state_averager.main_parameters if param.grad is not None]
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            return False
+        self.skipped_batches += 1
+        log.warning(
+            "non-finite gradients (NaN or Inf) in a local batch at swarm step %d: not sent to the swarm "
+            "(%d such batches so far); check the learning rate, the data and the precision",
+            self.local_epoch,
+            self.skipped_batches,
+        )
+        self.events.batch_skipped("nonfinite")
+        return True
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         began = super()._begin_averaging_gradients(grad_scaler)
@@ -286,7 +405,12 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def load_state_from_peers(self, **kwargs) -> None:
         started, before = time.perf_counter(), self.local_epoch
+        for loader in self._loaders:
+            loader.arm()  # this download's own deadline, whatever the last one left (hivemind's retries share it)
+        refused = self.state_averager.refused_states
         super().load_state_from_peers(**kwargs)
+        for _ in range(self.state_averager.refused_states - refused):
+            self.events.state_download("refused", 0.0)
         if any(loader.gave_up for loader in self._loaders):
             outcome = "failed"
         else:

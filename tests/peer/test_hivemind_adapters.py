@@ -5,13 +5,17 @@ These tests reach hivemind's private names on purpose: they check the adapters a
 
 from __future__ import annotations
 
+import inspect
 import re
+import time
 from pathlib import Path
 
 import hivemind
+import pytest
+import torch
 from hivemind.optim import grad_averager, state_averager
 
-from vitpeer.peer.core.hivemind_adapters import WRITTEN_FOR, GradientAverager, TrainingStateAverager
+from vitpeer.peer.core.hivemind_adapters import WRITTEN_FOR, GradientAverager, SwarmOptimizer, TrainingStateAverager
 
 
 def test_hivemind_is_the_version_the_adapters_were_written_for():
@@ -51,6 +55,8 @@ ADAPTED = [
     "_outer_pipe",
     "_matchmaking",
     "_set_group_size",
+    "_load_state_from_peers",
+    "_arm_state_check",
     "_validators",
     "_BASE_COMPRESSION_TYPES",
 ]
@@ -73,3 +79,49 @@ def test_hivemind_s_private_names_are_used_in_the_adapters_only():
     assert not found, "private hivemind names outside peer/core/hivemind_adapters.py (move them there):\n" + "\n".join(
         found
     )
+
+
+def test_the_download_hook_wraps_hivemind_s_download_as_written():
+    """``_CheckedDownload`` hands its own future to hivemind's download loop, which must still take these arguments
+    and be the coroutine the averager's process runs for ``load_state_from_peers``."""
+    hooked = hivemind.DecentralizedAverager._load_state_from_peers
+    assert inspect.iscoroutinefunction(hooked)
+    assert list(inspect.signature(hooked).parameters) == ["self", "future", "timeout"]
+
+
+@pytest.mark.timeout(60)
+def test_a_second_download_right_after_a_slow_one_gets_its_full_timeout():
+    """Each download has its own deadline: one that begins while the last one's deadline runs is not cut short."""
+    timeout = 3.0
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    model = torch.nn.Linear(2, 2)
+    opt = None
+    try:
+        opt = SwarmOptimizer(
+            dht=dht,
+            run_id="deadline",
+            target_batch_size=1000,
+            params=model.parameters(),
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+            batch_size_per_step=1,
+            load_state_timeout=timeout,
+            client_mode=False,
+        )
+        given: list[float] = []  # the timeout of every attempt, as the state averager received it
+
+        def attempt(**kwargs):  # the first attempt fails slowly (hivemind retries), every later one finds no state
+            given.append(kwargs["timeout"])
+            if len(given) == 1:
+                time.sleep(timeout - 1.0)
+                raise TimeoutError("a slow peer")
+            return None
+
+        opt._loaders[0].load = attempt  # the state averager's download, under the deadline
+        opt.load_state_from_peers()
+        assert len(given) == 2 and given[1] < timeout - 1.0, given  # the retry got what was left of the deadline
+        opt.load_state_from_peers()
+        assert len(given) == 3 and given[2] == pytest.approx(timeout), given
+    finally:
+        if opt is not None:
+            opt.shutdown()
+        dht.shutdown()
