@@ -2,9 +2,10 @@
 
 Start: DHT node with a persistent identity at a fixed port -> the run's state, in the protocol of its algorithm
 (``open_swarm_state``) -> reload the newest complete checkpoint, if any -> HTTP API. Then, every ``poll_interval``
-seconds until SIGTERM or Ctrl-C: read the peers' signed metrics records, append the history, and when a checkpoint is
-due, download the swarm's state, write it, evaluate it, commit it and export the best. One failure (a download, an
-evaluation, a write) is logged and counted in ``/status`` and tried again at the next interval; it never ends the run.
+seconds until SIGTERM or Ctrl-C: read the peers' signed metrics records (one row per signing key, implausible ones
+skipped: ``core.records.read_reports``), append the history, and when a checkpoint is due, download the swarm's
+state, write it, evaluate it, commit it and export the best. One failure (a download, an evaluation, a write) is
+logged and counted in ``/status`` and tried again at the next interval; it never ends the run.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class Coordinator:
         swarm = aggregate(read_reports(self.dht, self.config.swarm.run_id))
         rejected = rejected_records(self.dht)
         if sum(rejected.values()) > sum(self.rejected.values()):
-            log.warning("refused forged or malformed DHT records so far: %s", rejected)
+            log.warning("refused forged, malformed or implausible DHT records so far: %s", rejected)
         with self.lock:
             self.swarm, self.rejected = swarm, rejected
         if self.history.append(swarm):

@@ -3,14 +3,15 @@
 ``SwarmCollector`` reads a status dict (the coordinator's ``/status`` shape) at scrape time::
 
     vitpeer_swarm_alive_peers, vitpeer_swarm_epoch, vitpeer_swarm_samples_per_second, vitpeer_swarm_loss
-    vitpeer_swarm_peer_info{peer_id,version,hardware,algorithm} 1
-    vitpeer_swarm_peer_epoch / _samples_per_second / _loss / _samples_total / _report_age_seconds {peer_id}
+    vitpeer_swarm_peer_info{signer,peer_id,version,hardware,algorithm} 1
+    vitpeer_swarm_peer_epoch / _samples_per_second / _loss / _samples_total / _report_age_seconds {signer,peer_id}
     vitpeer_swarm_peer_rounds_total / _averaged_rounds_total / _sent_bytes_total / _averaging_seconds_total /
-        _wait_seconds_total / _compute_seconds_total {peer_id}
+        _wait_seconds_total / _compute_seconds_total {signer,peer_id}
                                                what the swarm cost each peer (``core.events.SwarmTotals``): its
                                                rounds, estimated bytes sent, averaging time, time blocked on the
                                                swarm and computing, as its own exporter counts them
-    vitpeer_rejected_records_total{reason}     signature | schema: forged or malformed records refused
+    vitpeer_rejected_records_total{reason}     signature | schema: forged, malformed or implausible records
+                                               refused (out-of-bounds values count as schema)
 
 and, when the status has checkpoints (the coordinator's)::
 
@@ -18,7 +19,10 @@ and, when the status has checkpoints (the coordinator's)::
     vitpeer_checkpoint_failures_total{stage}   download | evaluate | checkpoint
 
 Per-peer series come from the records, so organisers see every volunteer without scraping them (most are behind
-NAT); ``peer_id`` has one value per live peer. The costs stay per peer: a sum over the live peers would drop when one
+NAT). A series is a signer's (``signer``: the id of the key that signed the record, ``core.records.signer_id``); its
+``peer_id`` is what the record claims, a label anyone can write: two keys claiming one ``peer_id`` are two series, and
+neither replaces the other. ``signer`` has one value per live peer (a peer restarted after a crash signs with a new
+key: two values until its old record expires). The costs stay per peer: a sum over the live peers would drop when one
 leaves, which a counter must not do; a dashboard sums their rates. ``/status`` has the run's sums and ratios.
 """
 
@@ -79,8 +83,9 @@ def _peer_families(peers: list[dict[str, Any]]) -> Iterator[Metric]:
     info = GaugeMetricFamily(
         "vitpeer_swarm_peer_info",
         "A peer with a live record",
-        labels=["peer_id", "version", "hardware", "algorithm"],
+        labels=["signer", "peer_id", "version", "hardware", "algorithm"],
     )
+    ids = ["signer", "peer_id"]  # the key that signed the record, and the peer id it claims
     gauges = {
         "epoch": ("step", "Swarm step the peer reported"),
         "samples_per_second": ("samples_per_second", "The peer's samples per second"),
@@ -88,21 +93,19 @@ def _peer_families(peers: list[dict[str, Any]]) -> Iterator[Metric]:
         "report_age_seconds": ("seconds_since_report", "Seconds since the peer's newest record"),
     }
     families = {
-        name: GaugeMetricFamily(f"vitpeer_swarm_peer_{name}", text, labels=["peer_id"])
-        for name, (_, text) in gauges.items()
+        name: GaugeMetricFamily(f"vitpeer_swarm_peer_{name}", text, labels=ids) for name, (_, text) in gauges.items()
     }
-    samples = CounterMetricFamily("vitpeer_swarm_peer_samples", "Samples the peer contributed", labels=["peer_id"])
-    costs = {
-        key: CounterMetricFamily(f"vitpeer_swarm_peer_{key}", text, labels=["peer_id"]) for key, text in COSTS.items()
-    }
+    samples = CounterMetricFamily("vitpeer_swarm_peer_samples", "Samples the peer contributed", labels=ids)
+    costs = {key: CounterMetricFamily(f"vitpeer_swarm_peer_{key}", text, labels=ids) for key, text in COSTS.items()}
     for peer in peers:
-        info.add_metric([peer["peer_id"], peer["version"], peer["hardware"], peer["algorithm"] or "unknown"], 1)
-        samples.add_metric([peer["peer_id"]], peer["samples"])
+        who = [peer.get("signer") or "", peer["peer_id"]]  # no signer: a report built by hand, never signed
+        info.add_metric([*who, peer["version"], peer["hardware"], peer["algorithm"] or "unknown"], 1)
+        samples.add_metric(who, peer["samples"])
         for name, (key, _) in gauges.items():
             if peer.get(key) is not None:
-                families[name].add_metric([peer["peer_id"]], peer[key])
+                families[name].add_metric(who, peer[key])
         for key, family in costs.items():
-            family.add_metric([peer["peer_id"]], peer[key])
+            family.add_metric(who, peer[key])
     yield info
     yield samples
     yield from families.values()

@@ -7,26 +7,41 @@ public key as the subkey. Two validators run on every DHT node that stores or fe
 - ``SignatureGuard`` (hivemind's RSA signature validator): a record whose subkey names a public key must be signed
   by that key's owner, so no peer can overwrite another's record;
 - ``SchemaGuard`` (hivemind's pydantic schema validator): the subkey must carry a public key (unsigned records are
-  refused) and the value must match ``PeerReport`` or ``RunFingerprint`` exactly.
+  refused) and the value must match ``PeerReport`` or ``RunFingerprint`` exactly; a ``PeerReport`` must also be
+  plausible: finite numbers within the per-peer bounds below, counts that agree, a time near now (``out_of_bounds``).
 
 Both count what they reject; ``rejected_records(dht)`` reads the counts from the DHT process. hivemind's own
 progress tracker adds the same two validator types later, which merge into ours (hivemind keeps one of each).
+
+A record's identity is the key that signed it, never the ``peer_id`` written inside it: that one is self-declared
+(nothing ties it to the signing key: hivemind signs with a per-process RSA key, not the libp2p identity), so readers
+(``read_reports``) keep one row per signer, named by ``signer_id``, and show ``peer_id`` as a label only. Two keys
+that claim the same ``peer_id`` are two rows. Readers repeat every check themselves: a record may come from a node
+that did not run these validators.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
+import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import hivemind
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator, conbytes
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.utils import get_dht_time
-from pydantic.v1 import BaseModel, ValidationError, confloat, conint, constr
+from hivemind.p2p import PeerID
+from hivemind.proto import crypto_pb2
+from hivemind.utils import MSGPackSerializer, get_dht_time
+from pydantic.v1 import BaseModel, ValidationError, confloat, conint, constr, root_validator
 
 from vitpeer.peer.core.hivemind_adapters import dht_node_validators
 
@@ -38,33 +53,129 @@ REPORT_TTL = 60.0
 """Seconds a record stays in the DHT: a peer that stops reporting drops out of the coordinator's alive list."""
 
 
+# What one peer can claim. Generous: a record beyond them cannot be true, so every node refuses it and every reader
+# skips it; within them a peer can still lie, but its weight in the swarm's figures stays bounded.
+
+MAX_SAMPLES_PER_SECOND = 10_000_000.0
+"""Samples per second one peer can train. ViT-B/16 at 224 px costs 3 x 33.7 GFLOPs per trained sample, so an H200
+(989 dense bf16 TFLOPs) trains at most ~9,800 samples/s at 100 % MFU, a node of 8 at most ~78,000; tiny models at
+small sizes are bound by their data loader long before 10 M. It also caps hivemind's throughput estimate, which can
+read up to 1e20 after a near-zero interval (``hivemind.utils.performance_ema``): the reporter clamps to it."""
+
+MAX_WINDOW_SAMPLES = int(MAX_SAMPLES_PER_SECOND * REPORT_TTL)
+"""Samples one record's loss can be over (its weight in the swarm loss): a peer publishes every swarm step or
+``REPORT_EVERY`` s, and one silent longer than ``REPORT_TTL`` has already dropped out, so a window is at most
+``REPORT_TTL`` s of training at the maximal rate."""
+
+MAX_LOSS = 1e4
+"""Mean training loss per sample. Cross-entropy starts near ln(classes) (6.9 for 1,000 classes, 10 for 21,841);
+above this the peer has diverged and the reporter publishes this value. The bound keeps the swarm loss (sum of loss x
+window) finite, far from float overflow."""
+
+MAX_TOTAL = 2**53
+"""Cumulative counts and seconds since a peer started (samples, steps, rounds, bytes, seconds): exact in JSON and as
+a float. Finite is the point; no peer gets near it."""
+
+MAX_CLOCK_AHEAD = 10.0
+"""Seconds a record's time may be ahead of the reader's DHT time (wall clocks; NTP keeps them within a second). A
+peer whose clock runs further ahead is refused until it fixes its clock."""
+
+RECORD_SLACK = 5.0
+"""Seconds between a report's time and the moment the reporter computes its expiration (``time + REPORT_TTL``)."""
+
+
 class PeerReport(BaseModel):
     """What one peer says about itself. Strict types: hivemind refuses records that would need conversions. Strings
     are bounded: an oversized record (a peer filling the DHT, or /status, with megabytes) is refused like a forged one.
+    Numbers are finite and within the per-peer bounds above, and the counts agree with each other.
     """
 
-    peer_id: constr(strict=True, max_length=128)  # base58 libp2p peer id (about 52 characters), for /status readers
-    step: conint(ge=0, strict=True)  # the swarm step (hivemind epoch) this peer is at
-    loss: confloat(ge=0, strict=True) | None  # mean training loss per sample since the previous record
-    window_samples: conint(ge=0, strict=True)  # samples that mean is over: the weight of this loss in the swarm loss
-    samples_per_second: confloat(ge=0, strict=True)  # this peer's throughput (hivemind's moving average)
-    samples: conint(ge=0, strict=True)  # samples this peer contributed since it started
-    mini_steps: conint(ge=0, strict=True)  # local steps (forward + backward) since it started
+    # base58 libp2p peer id (about 52 characters) as the peer declares it: a label for /status readers, not an
+    # identity (rows are keyed by the signing key, ``signer_id``)
+    peer_id: constr(strict=True, max_length=128)
+    step: conint(ge=0, le=MAX_TOTAL, strict=True)  # the swarm step (hivemind epoch) this peer is at
+    # mean training loss per sample since the previous record
+    loss: confloat(ge=0, le=MAX_LOSS, strict=True, allow_inf_nan=False) | None
+    # samples that mean is over: the weight of this loss in the swarm loss
+    window_samples: conint(ge=0, le=MAX_WINDOW_SAMPLES, strict=True)
+    # this peer's throughput (hivemind's moving average)
+    samples_per_second: confloat(ge=0, le=MAX_SAMPLES_PER_SECOND, strict=True, allow_inf_nan=False)
+    samples: conint(ge=0, le=MAX_TOTAL, strict=True)  # samples this peer contributed since it started
+    mini_steps: conint(ge=0, le=MAX_TOTAL, strict=True)  # local steps (forward + backward) since it started
     version: constr(strict=True, max_length=64)  # vitpeer version
     hardware: constr(strict=True, max_length=256)  # e.g. "cuda: NVIDIA H100 80GB HBM3 x1" or "cpu: 16 cores"
-    time: confloat(strict=True)  # DHT time of the record
+    time: confloat(ge=0, strict=True, allow_inf_nan=False)  # DHT time of the record (checked: ``out_of_bounds``)
     # What the swarm cost this peer since it started (``core.events.SwarmTotals``, ``SwarmReporter.swarm_costs``).
     # The defaults only spare callers that leave them out; they buy no compatibility: hivemind's schema check refuses
     # a record that does not parse into exactly itself, so nodes of this version refuse records without these
     # fields (from older peers), and older nodes refuse records with them.
     algorithm: constr(strict=True, max_length=32) | None = None  # swarm.algorithm: "diloco" or "gradient"
-    rounds: conint(ge=0, strict=True) = 0  # swarm steps ended with a round, any outcome
-    averaged_rounds: conint(ge=0, strict=True) = 0  # rounds that averaged with other peers
-    failed_rounds: conint(ge=0, strict=True) = 0  # rounds that ended in an error or a timeout
-    sent_bytes: conint(ge=0, strict=True) = 0  # estimated bytes sent in averaged rounds: 2 (N - 1) / N of its tensors
-    averaging_seconds: confloat(ge=0, strict=True) = 0.0  # total duration of the averaged rounds
-    wait_seconds: confloat(ge=0, strict=True) = 0.0  # the training thread blocked on the swarm
-    compute_seconds: confloat(ge=0, strict=True) = 0.0  # local steps' time, less the time blocked inside them
+    rounds: conint(ge=0, le=MAX_TOTAL, strict=True) = 0  # swarm steps ended with a round, any outcome
+    averaged_rounds: conint(ge=0, le=MAX_TOTAL, strict=True) = 0  # rounds that averaged with other peers
+    failed_rounds: conint(ge=0, le=MAX_TOTAL, strict=True) = 0  # rounds that ended in an error or a timeout
+    # estimated bytes sent in averaged rounds: 2 (N - 1) / N of its tensors
+    sent_bytes: conint(ge=0, le=MAX_TOTAL, strict=True) = 0
+    # total duration of the averaged rounds
+    averaging_seconds: confloat(ge=0, le=MAX_TOTAL, strict=True, allow_inf_nan=False) = 0.0
+    # the training thread blocked on the swarm
+    wait_seconds: confloat(ge=0, le=MAX_TOTAL, strict=True, allow_inf_nan=False) = 0.0
+    # local steps' time, less the time blocked inside them
+    compute_seconds: confloat(ge=0, le=MAX_TOTAL, strict=True, allow_inf_nan=False) = 0.0
+
+    @root_validator(skip_on_failure=True)
+    def counts_agree(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """A window is part of the samples, each local step trains at least one sample, and averaged and failed
+        rounds are among the rounds."""
+        if values["window_samples"] > values["samples"]:
+            raise ValueError(f"window_samples {values['window_samples']} > samples {values['samples']}")
+        if values["mini_steps"] > values["samples"]:
+            raise ValueError(f"mini_steps {values['mini_steps']} > samples {values['samples']}")
+        if values["averaged_rounds"] + values["failed_rounds"] > values["rounds"]:
+            raise ValueError("averaged_rounds + failed_rounds > rounds")
+        return values
+
+
+class SignedReport(PeerReport):
+    """A ``PeerReport`` as a reader holds it: with ``signer``, the id of the key that signed it (``signer_id``)."""
+
+    signer: str
+
+
+def out_of_bounds(report: PeerReport, expiration_time: float, now: float) -> str | None:
+    """Why a schema-valid record cannot be true at DHT time ``now`` given its ``expiration_time``, or None: its time
+    is in the future, or its expiration is not the reporter's ``time + REPORT_TTL`` (a far-future expiration would
+    keep a record alive for ever; a far-past time with a near expiration would hide a dead peer's age). Not whether
+    it expired: a node refuses a whole dictionary for one bad entry, so nodes leave expiry to the clock of each."""
+    if report.time > now + MAX_CLOCK_AHEAD:
+        return f"its time is {report.time - now:.0f} s ahead of this node's (at most {MAX_CLOCK_AHEAD:.0f})"
+    if not report.time <= expiration_time <= report.time + REPORT_TTL + RECORD_SLACK:
+        return f"it expires {expiration_time - report.time:.0f} s after its time (at most {REPORT_TTL:.0f})"
+    return None
+
+
+_OWNER = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
+
+SignerKey = conbytes(regex=rb"\[owner:ssh-rsa [A-Za-z0-9+/]+={0,2}\]\Z")
+"""A metrics record's subkey: exactly one RSA key, as ``RSASignatureValidator.local_public_key`` writes it (hivemind's
+``BytesWithPublicKey`` lets bytes surround it, so one key could sign many subkeys, and be many rows)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def signer_id(subkey: bytes) -> str:
+    """The libp2p peer id of the RSA key a subkey names (``[owner:ssh-rsa ...]``): the base58 sha2-256 multihash of
+    the key as libp2p's ``PublicKey`` protobuf, the derivation hivemind's ``PeerID.from_identity`` applies to a private
+    key. It equals the record's ``peer_id`` only if the peer signed with its libp2p identity key, which hivemind's
+    signer does not: it is the row's identity, whatever the record claims. ValueError if there is not one RSA key."""
+    keys = set(_OWNER.findall(subkey))
+    if len(keys) != 1:
+        raise ValueError(f"a record's subkey must name one public key, not {len(keys)}")
+    key = serialization.load_ssh_public_key(keys.pop())
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError("a record's subkey must name an RSA key")
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    protobuf = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
+    sha2_256 = bytes([0x12, 0x20])  # multihash: function code, digest length
+    return PeerID(sha2_256 + hashlib.sha256(protobuf).digest()).to_base58()
 
 
 class RunFingerprint(BaseModel):
@@ -91,7 +202,7 @@ class FingerprintSchema(BaseModel):
 
 
 class MetricsSchema(BaseModel):
-    metrics: dict[BytesWithPublicKey, PeerReport | None]
+    metrics: dict[SignerKey, PeerReport | None]
 
 
 def metrics_key(run_id: str) -> str:
@@ -106,13 +217,16 @@ class _Counting:
 
     def validate(self, record: DHTRecord) -> bool:
         try:
-            if super().validate(record):
+            if self.accepts(record):
                 return True
         except Exception:  # e.g. an [owner:...] that is no RSA key: hivemind raises instead of refusing
             pass
         self.rejected += 1
         log.warning("refused a DHT record: %s (%d so far)", self.__doc__.split(":")[0].lower(), self.rejected)
         return False
+
+    def accepts(self, record: DHTRecord) -> bool:
+        return super().validate(record)
 
 
 class SignatureGuard(_Counting, RSASignatureValidator):
@@ -122,14 +236,28 @@ class SignatureGuard(_Counting, RSASignatureValidator):
 
 
 class SchemaGuard(_Counting, SchemaValidator):
-    """Unsigned or not matching its schema: hivemind's pydantic check on ``<run_id>_metrics`` and
-    ``<run_id>_fingerprint``, counting refusals."""
+    """Unsigned, not matching its schema or out of bounds: hivemind's pydantic check on ``<run_id>_metrics`` and
+    ``<run_id>_fingerprint``, then ``out_of_bounds`` on a metrics record, counting refusals."""
 
     reason = "schema"
 
     def __init__(self, run_id: str):
         super().__init__(MetricsSchema, prefix=run_id)
         self.merge_with(SchemaValidator(FingerprintSchema, prefix=run_id))  # one guard, one count, both keys
+        self.metrics_key_id = DHTID.generate(source=metrics_key(run_id)).to_bytes()
+
+    def accepts(self, record: DHTRecord) -> bool:
+        if not super().accepts(record):
+            return False
+        if record.key != self.metrics_key_id:
+            return True
+        value = MSGPackSerializer.loads(record.value)  # the signature is stripped by now: it is checked first
+        if value is None:  # a peer's goodbye
+            return True
+        problem = out_of_bounds(PeerReport.parse_obj(value), record.expiration_time, get_dht_time())
+        if problem is not None:
+            log.warning("refused a metrics record: %s", problem)
+        return problem is None
 
 
 def record_validators(run_id: str) -> list[RecordValidatorBase]:
@@ -160,28 +288,38 @@ def vitpeer_version() -> str:
 # Reading the records back: who is alive, the swarm's loss and throughput, and their history (coordinator, monitor).
 
 
-def read_reports(dht: hivemind.DHT, run_id: str) -> list[PeerReport]:
-    """The alive peers' newest reports (records expire on their own), one per peer id."""
+def read_reports(dht: hivemind.DHT, run_id: str) -> list[SignedReport]:
+    """The alive peers' newest reports (records expire on their own), one per signing key, sorted by the peer id they
+    claim, then time. Every check of the validators is repeated: a node of another version, or one that runs no
+    validators, may have handed the record on."""
     found = dht.get(metrics_key(run_id), latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
-    newest: dict[str, PeerReport] = {}
-    for item in found.value.values():
+    now = get_dht_time()
+    newest: dict[str, SignedReport] = {}
+    for subkey, item in found.value.items():
         if item.value is None:  # a peer's goodbye
             continue
         try:
-            report = PeerReport.parse_obj(item.value)
-        except (ValidationError, TypeError) as err:  # the DHT validators let none through; stay safe anyway
+            report = SignedReport(**PeerReport.parse_obj(item.value).dict(), signer=signer_id(subkey))
+        except (ValidationError, TypeError, ValueError) as err:  # the DHT validators let none through; stay safe
             log.warning("ignoring a malformed metrics record: %s", err)
             continue
-        if report.peer_id not in newest or report.time > newest[report.peer_id].time:
-            newest[report.peer_id] = report  # a restarted peer signs with a new key: keep its newest record
-    return sorted(newest.values(), key=lambda report: report.peer_id)
+        problem = out_of_bounds(report, item.expiration_time, now)
+        if problem is None and item.expiration_time <= now:
+            problem = "it expired"  # by this reader's clock
+        if problem is not None:
+            log.warning("ignoring a metrics record of signer %s: %s", report.signer, problem)
+            continue
+        if report.signer not in newest or report.time > newest[report.signer].time:
+            newest[report.signer] = report  # a restarted peer signs with a new key: a new row until the old expires
+    return sorted(newest.values(), key=lambda report: (report.peer_id, report.time))
 
 
 def aggregate(reports: list[PeerReport]) -> dict[str, Any]:
     """Swarm step, sample-weighted loss, total samples/s, the algorithm, what the swarm cost the peers
-    (``communication``) and each alive peer's last report with its own costs per round."""
+    (``communication``) and each alive peer's last report with its own costs per round. ``reports`` are one per
+    signer (``read_reports``): rows carry ``signer``, None for a report that was never signed (tests)."""
     now = get_dht_time()
     weighted = [(r.loss, r.window_samples) for r in reports if r.loss is not None and r.window_samples > 0]
     samples = sum(n for _, n in weighted)
@@ -194,7 +332,10 @@ def aggregate(reports: list[PeerReport]) -> dict[str, Any]:
         # one run has one algorithm (it is part of the run's fingerprint); "mixed" would mean records of two runs
         "algorithm": algorithms[0] if len(algorithms) == 1 else ("mixed" if algorithms else None),
         "communication": communication(reports),
-        "peers": [{**r.dict(), **per_round(r.dict()), "seconds_since_report": round(now - r.time, 1)} for r in reports],
+        "peers": [
+            {"signer": None, **r.dict(), **per_round(r.dict()), "seconds_since_report": round(now - r.time, 1)}
+            for r in reports
+        ],
     }
 
 
@@ -241,7 +382,7 @@ class MetricsLog:
         self.last_epoch = swarm["swarm_epoch"]
         line = {key: swarm[key] for key in ("swarm_epoch", "loss", "samples_per_second", "alive_peers")}
         line["time"] = round(get_dht_time(), 3)
-        line["peer_steps"] = {peer["peer_id"]: peer["step"] for peer in swarm["peers"]}
+        line["peer_steps"] = {peer["signer"] or peer["peer_id"]: peer["step"] for peer in swarm["peers"]}
         with self.path.open("a") as sink:
             sink.write(json.dumps(line) + "\n")
         return True

@@ -5,6 +5,10 @@ the bytes it sent in them (an estimate, ``core.events.allreduce_bytes_sent``), h
 thread's time computing against its time blocked on the swarm. Compute is measured here, per local step: the step's
 wall time (forward, backward, the optimizer step) minus the time it was blocked on the swarm inside it; data loading
 and validation count as neither.
+
+A report stays within ``core.records``' per-peer bounds, which every node enforces: a diverged loss is published as
+``MAX_LOSS``, and hivemind's throughput estimate (which can read up to 1e20 after a near-zero interval) is capped at
+``MAX_SAMPLES_PER_SECOND``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from hivemind.utils import get_dht_time
 from pytorch_lightning.utilities.data import extract_batch_size
 
 from vitpeer.peer.core.events import SwarmEvents, SwarmTotals
-from vitpeer.peer.core.records import REPORT_TTL, PeerReport, metrics_key, vitpeer_version
+from vitpeer.peer.core.records import (
+    MAX_LOSS,
+    MAX_SAMPLES_PER_SECOND,
+    REPORT_TTL,
+    PeerReport,
+    metrics_key,
+    vitpeer_version,
+)
 
 REPORT_EVERY = 15.0
 """Seconds between records when swarm steps are slower than that (so a slow peer never looks dead)."""
@@ -103,13 +114,16 @@ class SwarmReporter(pl.Callback):
         }
 
     def report(self, step: int, samples_per_second: float) -> dict[str, Any]:
-        loss = self.window_loss / self.window_samples if self.window_samples else None
+        loss = min(self.window_loss / self.window_samples, MAX_LOSS) if self.window_samples else None
+        if loss is not None and not math.isfinite(loss):  # finite losses whose sum overflowed
+            loss = MAX_LOSS
+        speed = samples_per_second if math.isfinite(samples_per_second) else MAX_SAMPLES_PER_SECOND
         return PeerReport(
             peer_id=self.peer_id,
             step=step,
             loss=loss,
             window_samples=self.window_samples,
-            samples_per_second=float(max(0.0, samples_per_second)),
+            samples_per_second=float(min(max(0.0, speed), MAX_SAMPLES_PER_SECOND)),
             samples=self.samples,
             mini_steps=self.mini_steps,
             version=self.version,

@@ -11,16 +11,31 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import click
+import hivemind
 import pytest
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from vitpeer.coordinator.api import ApiServer, Route
 from vitpeer.coordinator.config import CoordinatorConfig
 from vitpeer.coordinator.run import Coordinator
+from vitpeer.monitor.swarm import SwarmCollector
 from vitpeer.peer.core.config import ConfigError, RunConfig, SwarmConfig, TrainerConfig, load_config, validated
 from vitpeer.peer.core.http import coordinator_get
 from vitpeer.peer.core.options import join_config
-from vitpeer.peer.core.records import PeerReport, aggregate
+from vitpeer.peer.core.records import (
+    REPORT_TTL,
+    PeerReport,
+    aggregate,
+    metrics_key,
+    record_validators,
+    rejected_records,
+    signer_id,
+)
 from vitpeer.peer.core.swarm import default_route_ip
 
 ID_A = "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"  # well-formed peer ids (initial_peers are validated)
@@ -248,3 +263,101 @@ def test_status_shows_the_runs_algorithm_and_what_the_swarm_cost_its_peers(tmp_p
     assert (peers["alice"]["compute_seconds_per_round"], peers["alice"]["wait_ratio"]) == (3.5, 0.125)
     assert (peers["bob"]["sent_bytes_per_round"], peers["bob"]["wait_ratio"]) == (1_000_000, 0.375)
     assert peers["bob"]["failed_rounds"] == 1
+
+
+class Keyring(RecordValidatorBase):
+    """One malicious peer holding several keys: signs each record with the key its subkey names, and keeps whatever
+    it stores (no schema, no bounds)."""
+
+    def __init__(self, count: int):
+        self.signers = [RSASignatureValidator(RSAPrivateKey()) for _ in range(count)]
+        self.keys = [signer.local_public_key for signer in self.signers]
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        for signer in self.signers:
+            if signer.local_public_key in record.subkey:
+                return signer.sign_value(record)
+        return record.value
+
+    def validate(self, record: DHTRecord) -> bool:
+        return True
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_cannot_replace_anothers_row_nor_skew_the_swarm_past_its_bounds(tmp_path: Path):
+    """A malicious peer, with keys of its own, (a) claims the victim's peer id in a newer, well-formed record, and
+    (b) publishes an infinite and a NaN loss, a huge window to dominate the swarm loss, a time a day ahead and an
+    absurd throughput. The coordinator's node refuses (b) and counts it; /status and /metrics keep the victim's row
+    as published and show the impostor as a row of its own signer."""
+    run_id = "hostile-records"
+    guarded = hivemind.DHT(
+        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=record_validators(run_id)
+    )
+    keyring = Keyring(7)
+    initial_peers = [str(addr) for addr in guarded.get_visible_maddrs()]
+    attacker = hivemind.DHT(
+        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers, record_validators=[keyring]
+    )
+    server = None
+    try:
+        key, now = metrics_key(run_id), get_dht_time()
+
+        def record(**claims) -> dict:
+            published = dict(peer_id=ID_A, step=3, loss=0.5, window_samples=32, samples_per_second=10.0, samples=96)
+            published |= dict(mini_steps=3, version="test", hardware="cpu", time=now)
+            return {**PeerReport(**published).dict(), **claims}
+
+        victim = RSASignatureValidator().local_public_key  # the coordinator's node signs with this process's key
+        assert guarded.store(key, subkey=victim, value=record(), expiration_time=now + REPORT_TTL)
+        attacks = [
+            (record(loss=0.7, samples_per_second=12.0, time=now + 1), now + 1 + REPORT_TTL),  # (a) a newer claim
+            (record(loss=float("inf")), now + REPORT_TTL),
+            (record(loss=float("nan")), now + REPORT_TTL),
+            (record(loss=9e3, window_samples=10**12, samples=10**12), now + REPORT_TTL),
+            (record(loss=9e3, time=now + 86_400), now + 86_400 + REPORT_TTL),
+            (record(samples_per_second=1e12), now + REPORT_TTL),
+            (record(loss=9e3), now + 365 * 86_400),  # kept alive for a year
+        ]
+        for subkey, (value, expiration) in zip(keyring.keys, attacks, strict=True):
+            attacker.store(key, subkey=subkey, value=value, expiration_time=expiration)
+        assert rejected_records(guarded) == {"signature": 0, "schema": len(attacks) - 1}
+
+        coordinator = Coordinator(RunConfig(swarm=SwarmConfig(run_id=run_id)), CoordinatorConfig(state_dir=tmp_path))
+        coordinator.dht, coordinator.maddrs = guarded, []
+        coordinator.state = SimpleNamespace(epoch=100)  # ahead of the records' steps: no checkpoint is due
+        coordinator.registry = CollectorRegistry()
+        coordinator.registry.register(SwarmCollector(coordinator.status))
+        coordinator.poll()
+        server = ApiServer("127.0.0.1", 0, coordinator.routes())
+        code, _, body = get(f"http://127.0.0.1:{server.port}/status")
+        assert code == 200
+        status = json.loads(body)  # strict JSON: an Infinity or NaN anywhere would not parse
+        metrics = metric_samples(get(f"http://127.0.0.1:{server.port}/metrics")[2])
+    finally:
+        if server is not None:
+            server.shutdown()
+        attacker.shutdown()
+        guarded.shutdown()
+
+    assert status["rejected_records"]["schema"] >= len(attacks) - 1
+    rows = {row["signer"]: row for row in status["peers"]}
+    assert set(rows) == {signer_id(victim), signer_id(keyring.keys[0])}
+    assert {row["peer_id"] for row in rows.values()} == {ID_A}  # one claimed id, two rows
+    assert {k: rows[signer_id(victim)][k] for k in ("loss", "samples_per_second", "time")} == {
+        "loss": 0.5,
+        "samples_per_second": 10.0,
+        "time": now,
+    }
+    assert (status["alive_peers"], status["loss"], status["samples_per_second"]) == (2, 0.6, 22.0)
+    assert metrics[("vitpeer_swarm_loss", ())] == 0.6 and metrics[("vitpeer_swarm_samples_per_second", ())] == 22.0
+    for signer, loss in ((signer_id(victim), 0.5), (signer_id(keyring.keys[0]), 0.7)):
+        assert metrics[("vitpeer_swarm_peer_loss", (("peer_id", ID_A), ("signer", signer)))] == loss
+    assert metrics[("vitpeer_rejected_records_total", (("reason", "schema"),))] >= len(attacks) - 1

@@ -79,7 +79,7 @@ def test_a_gradient_rounds_bytes_follow_the_tensors_and_their_compression():
 
 
 def test_diloco_reports_each_round_once_with_its_bytes_and_only_new_waits():
-    diloco = SimpleNamespace(rounds=[], wait_seconds=0.0, writes=0, epoch=0)
+    diloco = SimpleNamespace(rounds=[], wait_seconds=0.0, writes=0, epoch=0, refused_states=0)
     events = SwarmEvents()
     optimizer = DiLoCoOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), None, diloco, events)
 
@@ -231,14 +231,15 @@ def test_a_peer_exports_and_publishes_what_the_swarm_cost_it(dht, promtool: Path
     text = generate_latest(registry).decode()
     promtool_accepts(promtool, text)
     swarm_series = samples(text)
-    peer = (("peer_id", peer_id),)
+    peer = (("peer_id", peer_id), ("signer", record.signer))
     assert swarm_series[("vitpeer_swarm_peer_sent_bytes_total", peer)] == 4000
     assert swarm_series[("vitpeer_swarm_peer_rounds_total", peer)] == 4
     assert swarm_series[("vitpeer_swarm_peer_averaged_rounds_total", peer)] == 2
     assert swarm_series[("vitpeer_swarm_peer_averaging_seconds_total", peer)] == 2.0
     assert swarm_series[("vitpeer_swarm_peer_wait_seconds_total", peer)] == 1.25
     assert swarm_series[("vitpeer_swarm_peer_compute_seconds_total", peer)] == compute
-    labels = {"peer_id": peer_id, "version": reporter.version, "hardware": reporter.hardware, "algorithm": "diloco"}
+    labels = {"peer_id": peer_id, "signer": record.signer, "version": reporter.version, "hardware": reporter.hardware}
+    labels["algorithm"] = "diloco"
     assert swarm_series[("vitpeer_swarm_peer_info", tuple(sorted(labels.items())))] == 1
 
 

@@ -1,16 +1,30 @@
-"""Metrics records in the DHT: a peer's own record is readable, forged and unsigned ones are refused and counted."""
+"""Metrics records in the DHT: a peer's own record is readable, forged, unsigned and implausible ones are refused and
+counted, and readers check what their node let through."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import hivemind
 import pydantic.v1
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.validation import DHTRecord
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from vitpeer.peer.core.records import PeerReport, metrics_key, record_validators, rejected_records
+from vitpeer.peer.core.records import (
+    MAX_LOSS,
+    MAX_SAMPLES_PER_SECOND,
+    REPORT_TTL,
+    PeerReport,
+    metrics_key,
+    read_reports,
+    record_validators,
+    rejected_records,
+    signer_id,
+)
+from vitpeer.peer.core.reporter import SwarmReporter
 
 RUN_ID = "report-test"
 
@@ -98,3 +112,96 @@ def test_oversized_and_forged_records_are_refused_and_the_real_one_survives():
     finally:
         forger.shutdown()
         guarded.shutdown()
+
+
+class Keyring(RecordValidatorBase):
+    """One malicious peer holding several keys: signs each record with the key its subkey names, and keeps whatever
+    it stores (no schema, no bounds), as a node of another version or a hostile one would."""
+
+    def __init__(self, count: int):
+        self.signers = [RSASignatureValidator(RSAPrivateKey()) for _ in range(count)]
+        self.keys = [signer.local_public_key for signer in self.signers]
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        for signer in self.signers:
+            if signer.local_public_key in record.subkey:
+                return signer.sign_value(record)
+        return record.value
+
+    def validate(self, record: DHTRecord) -> bool:
+        return True
+
+
+def claim(**values) -> dict:
+    """A record as a peer would publish it now, with ``values`` claimed (unchecked: the attacker writes it by hand)."""
+    return {**report(0.5), "time": get_dht_time(), **values}
+
+
+@pytest.mark.timeout(60)
+def test_one_key_is_one_row_however_many_subkeys_name_it():
+    """hivemind's signature check accepts any subkey that contains the signer's key: ``x[owner:K]`` and
+    ``[owner:K]y`` are signed by K as validly as ``[owner:K]``. Nodes refuse all but the exact ``[owner:K]``."""
+    guarded = hivemind.DHT(
+        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=record_validators(RUN_ID)
+    )
+    keyring = Keyring(1)
+    initial_peers = [str(addr) for addr in guarded.get_visible_maddrs()]
+    attacker = hivemind.DHT(
+        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers, record_validators=[keyring]
+    )
+    try:
+        key, expiration, (own,) = metrics_key(RUN_ID), get_dht_time() + REPORT_TTL, keyring.keys
+        for index, subkey in enumerate([own, b"x" + own, own + b"y"]):
+            attacker.store(key, subkey=subkey, value=claim(peer_id=f"peer-{index}"), expiration_time=expiration)
+
+        assert rejected_records(guarded) == {"signature": 0, "schema": 2}
+        (row,) = read_reports(guarded, RUN_ID)
+        assert (row.peer_id, row.signer) == ("peer-0", signer_id(own))
+    finally:
+        attacker.shutdown()
+        guarded.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_skips_implausible_records_that_its_node_let_through():
+    """A reader whose node checks signatures only (another version's, or a script's) still shows none of them."""
+    reader = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[RSASignatureValidator()])
+    keyring = Keyring(6)
+    initial_peers = [str(addr) for addr in reader.get_visible_maddrs()]
+    attacker = hivemind.DHT(
+        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers, record_validators=[keyring]
+    )
+    try:
+        now, key = get_dht_time(), metrics_key(RUN_ID)
+        claims = [
+            (claim(peer_id="plausible"), now + REPORT_TTL),
+            (claim(loss=float("inf")), now + REPORT_TTL),
+            (claim(loss=1e3, window_samples=10**12, samples=10**12), now + REPORT_TTL),
+            (claim(samples_per_second=1e12), now + REPORT_TTL),
+            (claim(time=now + 86_400), now + 86_400 + REPORT_TTL),  # a day ahead
+            (claim(time=now - 3_600), now + REPORT_TTL),  # an hour old, kept alive
+        ]
+        for subkey, (value, expiration) in zip(keyring.keys, claims, strict=True):
+            assert attacker.store(key, subkey=subkey, value=value, expiration_time=expiration)
+        assert len(reader.get(key, latest=True).value) == len(claims)  # the reader's node let every one through
+
+        (row,) = read_reports(reader, RUN_ID)
+        assert (row.peer_id, row.signer) == ("plausible", signer_id(keyring.keys[0]))
+    finally:
+        attacker.shutdown()
+        reader.shutdown()
+
+
+def test_a_peers_own_report_stays_within_the_bounds_every_node_enforces():
+    """hivemind's throughput estimate reads up to 1e20 after a near-zero interval (``PerformanceEMA``), and a
+    diverged peer's loss has no ceiling: the reporter clamps both, so an honest peer is never refused."""
+    dht = SimpleNamespace(peer_id=SimpleNamespace(to_base58=lambda: "me"))  # publishing is not under test here
+    reporter = SwarmReporter(dht, RUN_ID)
+    reporter.samples, reporter.mini_steps = 64, 2
+    reporter.window_loss, reporter.window_samples = 1e300 * 64, 64
+
+    published = PeerReport(**reporter.report(step=1, samples_per_second=1e20))
+
+    assert (published.samples_per_second, published.loss) == (MAX_SAMPLES_PER_SECOND, MAX_LOSS)
+    reporter.window_loss = float("inf")  # finite losses whose sum overflowed
+    assert reporter.report(step=1, samples_per_second=float("inf"))["loss"] == MAX_LOSS

@@ -1,0 +1,111 @@
+"""A metrics record's bounds and its identity: what one peer can claim, and the key that signed it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hivemind
+import pydantic.v1
+import pytest
+from cryptography.hazmat.primitives import serialization
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import crypto_pb2
+
+from vitpeer.peer.core.records import (
+    MAX_CLOCK_AHEAD,
+    MAX_LOSS,
+    MAX_SAMPLES_PER_SECOND,
+    MAX_WINDOW_SAMPLES,
+    REPORT_TTL,
+    PeerReport,
+    SignedReport,
+    aggregate,
+    out_of_bounds,
+    signer_id,
+)
+
+HONEST = {
+    "peer_id": "honest",
+    "step": 3,
+    "loss": 0.5,
+    "window_samples": 32,
+    "samples_per_second": 10.0,
+    "samples": 96,
+    "mini_steps": 3,
+    "version": "test",
+    "hardware": "cpu",
+    "time": 1_700_000_000.0,
+}
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        {"loss": float("inf")},
+        {"loss": float("nan")},
+        {"loss": MAX_LOSS * 10},
+        {"samples_per_second": float("inf")},
+        {"samples_per_second": MAX_SAMPLES_PER_SECOND * 10},
+        {"window_samples": MAX_WINDOW_SAMPLES + 1, "samples": MAX_WINDOW_SAMPLES + 1},
+        {"window_samples": 97},  # more than the peer's samples
+        {"mini_steps": 97},  # a local step without a sample
+        {"rounds": 2, "averaged_rounds": 2, "failed_rounds": 1},
+        {"time": float("inf")},
+        {"compute_seconds": float("inf")},
+        {"sent_bytes": 2**64},
+    ],
+    ids=lambda claim: ",".join(claim),
+)
+def test_a_record_beyond_what_one_peer_can_do_does_not_parse(claim: dict):
+    PeerReport(**HONEST)
+    with pytest.raises(pydantic.v1.ValidationError):
+        PeerReport(**{**HONEST, **claim})
+
+
+def test_a_record_out_of_its_time_window_is_out_of_bounds():
+    now = HONEST["time"]
+    honest = PeerReport(**HONEST)
+    assert out_of_bounds(honest, now + REPORT_TTL, now + 1) is None
+    assert out_of_bounds(honest, now + REPORT_TTL, now - MAX_CLOCK_AHEAD + 1) is None  # a clock a little ahead
+    future = PeerReport(**{**HONEST, "time": now + 86_400})
+    assert "ahead" in out_of_bounds(future, now + 86_400 + REPORT_TTL, now)
+    assert "expires" in out_of_bounds(honest, now + 365 * 86_400, now)  # kept alive for a year
+    assert "expires" in out_of_bounds(honest, now - 1, now - 2)  # expires before it was written
+    old = PeerReport(**{**HONEST, "time": now - 3_600})
+    assert "expires" in out_of_bounds(old, now + REPORT_TTL, now)  # an hour old, kept alive
+
+
+def test_two_signers_claiming_one_peer_id_are_two_rows_in_the_swarm_figures():
+    """``aggregate`` takes what ``read_reports`` gives, one report per signer: both count, neither hides the other."""
+    victim = SignedReport(**HONEST, signer="victim-key")
+    impostor = SignedReport(**{**HONEST, "loss": 1.5, "time": HONEST["time"] + 1}, signer="impostor-key")
+    swarm = aggregate([victim, impostor])
+    assert [(row["peer_id"], row["signer"], row["loss"]) for row in swarm["peers"]] == [
+        ("honest", "victim-key", 0.5),
+        ("honest", "impostor-key", 1.5),
+    ]
+    assert (swarm["alive_peers"], swarm["loss"], swarm["samples_per_second"]) == (2, 1.0, 20.0)
+
+
+@pytest.mark.timeout(60)
+def test_signer_id_is_the_libp2p_peer_id_its_key_would_have_as_an_identity(tmp_path: Path):
+    """The derivation is libp2p's: a DHT started with an RSA identity has the peer id ``signer_id`` gives for that
+    key. So a peer's ``peer_id`` could be checked against its record's signer if it signed with its identity key."""
+    identity = tmp_path / "identity.key"
+    P2P.generate_identity(str(identity))  # hivemind's own: an RSA key in libp2p's protobuf
+    der = crypto_pb2.PrivateKey.FromString(identity.read_bytes()).data
+    public = serialization.load_der_private_key(der, password=None).public_key()
+    openssh = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    subkey = RSASignatureValidator.PUBLIC_KEY_FORMAT.replace(b"_key_", openssh)
+
+    assert signer_id(subkey) == PeerID.from_identity(identity.read_bytes()).to_base58()
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=str(identity))
+    try:
+        assert dht.peer_id.to_base58() == signer_id(subkey)
+    finally:
+        dht.shutdown()
+    # hivemind signs records with another key: the process's, not the identity
+    assert signer_id(RSASignatureValidator().local_public_key) != signer_id(subkey)
+    with pytest.raises(ValueError, match="one public key"):
+        signer_id(b"no key here")
