@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,16 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float =
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def spawn(command: list[str], log: Path, module: str = "vitpeer.peer.cli", **env: str) -> subprocess.Popen:
+def spawn(
+    command: list[str], log: Path, module: str = "vitpeer.peer.cli", prefix: Sequence[str] = (), **env: str
+) -> subprocess.Popen:
     """``python -m module command...`` (the ``vitpeer`` command by default; ``hostile`` for one with test faults),
-    stdout and stderr appended to ``log``."""
+    stdout and stderr appended to ``log``; ``prefix`` runs it through another command (``ip netns exec NAME``)."""
     tests = str(Path(__file__).resolve().parent)  # where ``hostile`` lives
     path = os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))
     with log.open("a") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", module, *command],
+            [*prefix, sys.executable, "-m", module, *command],
             stdout=sink,
             stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **env},

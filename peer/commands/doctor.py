@@ -13,6 +13,7 @@ adopts orphans (Linux "child subreaper") and stops any ``p2pd`` still running at
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import platform
 import socket
@@ -275,6 +276,50 @@ async def _ping_peers(addrs: list[str], _dht: Any, node: Any) -> dict[str, float
     return dict(zip(addrs, await asyncio.gather(*(ping(addr) for addr in addrs)), strict=True))
 
 
+def check_reachability(initial_peers: Sequence[str], client_mode: bool) -> list[Check]:
+    """Can the swarm dial this host back? The address this host reaches each public initial peer from: a private one
+    (10.x, 192.168.x, 100.64.x, ...) means a NAT between, so peers on the internet cannot open connections to it.
+
+    Nothing is sent (a UDP ``connect`` only picks the route). Peers on this host or on a private network are not
+    judged: they share the network. Behind NAT, join with --client-mode (measured: trains and averages through a
+    public peer) or forward the port.
+    """
+    if client_mode:
+        return [Check("reachability", "ok", "client mode: you only dial out, so no one needs to reach you")]
+    seen: dict[str, str] = {}  # the peer's IP -> this host's address toward it
+    for addr in initial_peers:
+        if peer_multiaddr_problem(addr) is None and addr.startswith("/ip4/"):
+            peer_ip = addr.split("/")[2]
+            if ipaddress.ip_address(peer_ip).is_global and peer_ip not in seen:
+                local = _local_address_toward(peer_ip)
+                if local is not None:
+                    seen[peer_ip] = local
+    behind = {peer: local for peer, local in seen.items() if not ipaddress.ip_address(local).is_global}
+    if behind:
+        peer, local = next(iter(behind.items()))
+        detail = (
+            f"you reach {peer} from {local}, a private address: a NAT is in between and peers cannot dial you back; "
+            "join with --client-mode (you still train and average through reachable peers) or --auto-relay, or "
+            "forward --host-port on your router and add --announce-ip YOUR_PUBLIC_IP"
+        )
+        return [Check("reachability", "warn", detail)]
+    if seen:
+        where = ", ".join(sorted(set(seen.values())))
+        detail = f"you reach the swarm from {where}, a public address: others can dial you if your firewall lets them"
+        return [Check("reachability", "ok", detail)]
+    return []
+
+
+def _local_address_toward(ip: str) -> str | None:
+    """This host's source address on the route to ``ip`` (no packet leaves: a UDP socket only connects)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((ip, 9))
+            return probe.getsockname()[0]
+        except OSError:  # no route
+            return None
+
+
 def check_coordinator_status(url: str, timeout: float) -> list[Check]:
     """GET ``url``/status within ``timeout`` seconds and report the run id and how many peers it lists."""
     from vitpeer.peer.core.http import coordinator_get
@@ -367,8 +412,10 @@ def run_doctor(
     host_port: int | None = None,
     metrics_port: int | None = None,
     timeout: float = 15.0,
+    client_mode: bool = False,
 ) -> list[Check]:
-    """Every check in order: this host, hivemind, ports, initial peers, coordinator.
+    """Every check in order: this host, hivemind, ports, initial peers and whether they can reach this host back,
+    coordinator.
 
     ``timeout`` bounds each network wait; the coordinator is asked in a thread while the p2p checks run, so unreachable
     peers and an unreachable coordinator together still take about one ``timeout``.
@@ -396,6 +443,7 @@ def run_doctor(
             checks.append(Check("initial peers", "FAIL", "not tried: the p2p daemon does not start (see above)"))
         elif peers:
             checks += check_initial_peers(peers, timeout)
+        checks += check_reachability(peers, client_mode)
     if coordinator and not swarm_ok:
         checks.append(Check("coordinator", "FAIL", "not tried: hivemind or vitpeer does not import (see above)"))
     elif coordinator_checks is not None:
@@ -439,6 +487,11 @@ def report(checks: list[Check]) -> str:
     show_default=True,
     help="Seconds to wait for the p2p daemon, for the initial peers and for the coordinator.",
 )
+@click.option(
+    "--client-mode",
+    is_flag=True,
+    help="You will join with --client-mode (behind NAT): skip the check that peers can dial you back.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON: a list of {name, status, detail}.")
 @click.option("-v", "--verbose", is_flag=True, help="Show hivemind's own logs (on stderr).")
 def command(
@@ -447,6 +500,7 @@ def command(
     host_port: int | None,
     metrics_port: int | None,
     timeout: float,
+    client_mode: bool,
     as_json: bool,
     verbose: bool,
 ) -> None:
@@ -454,6 +508,7 @@ def command(
 
     Prints ok / warn / FAIL per check with what to do; exits 1 when something a run needs FAILs (warnings, such as
     training on CPU, do not fail). Give the same --initial-peers or --coordinator and ports you will join with.
+    Behind NAT (you reach a public peer from a private address) it tells you to join with --client-mode.
 
     \b
     Example: vitpeer doctor
@@ -461,6 +516,6 @@ def command(
     Example: vitpeer doctor --coordinator http://203.0.113.5:8470 --json
     """
     setup_logging(verbose, report=True)
-    checks = run_doctor(initial_peers, coordinator, host_port, metrics_port, timeout)
+    checks = run_doctor(initial_peers, coordinator, host_port, metrics_port, timeout, client_mode)
     click.echo(json.dumps([asdict(check) for check in checks], indent=2) if as_json else report(checks))
     click.get_current_context().exit(1 if any(check.status == "FAIL" for check in checks) else 0)

@@ -99,6 +99,7 @@ def test_a_live_peer_answers():
     assert result.returncode == 0, result.stdout + result.stderr
     peers = line(result, "initial peers")
     assert peers.startswith("ok") and f"{len(maddrs)} of {len(maddrs)} answered" in peers
+    assert "reachability" not in result.stdout and "--client-mode" not in result.stdout  # same host: no NAT advice
 
 
 @pytest.mark.timeout(120)
@@ -276,3 +277,12 @@ def test_a_coordinator_reports_its_run_and_peers():
         server.server_close()
     assert found.status == "ok", found
     assert "run 'vitpeer-digits'" in found.detail and "2 peers listed" in found.detail
+
+
+def test_client_mode_needs_no_reachable_address():
+    """Joining in client mode, nobody has to dial this host: the reachability check says so, whatever the peers.
+    (Behind a real NAT it tells you to use --client-mode: ``test_nat.py``.)"""
+    peer = f"/ip4/11.77.0.1/tcp/31337/p2p/{DEAD_PEER_ID}"
+    [found] = doctor.check_reachability([peer], client_mode=True)
+    assert found.status == "ok" and "client mode" in found.detail
+    assert doctor.check_reachability([f"/ip4/127.0.0.1/tcp/31337/p2p/{DEAD_PEER_ID}"], client_mode=False) == []
