@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import hivemind
@@ -65,6 +66,11 @@ def factory_form(optimizer: torch.optim.Optimizer, scheduler: Any | None) -> tup
         lambda params: type(optimizer)(params),
         (lambda opt: LambdaLR(opt, lambdas)) if lambdas is not None else None,
     )
+
+
+def last_step(trainer: pl.Trainer) -> int | None:
+    """The run's last swarm step, ``trainer.max_steps``; None when it has none (Lightning's -1)."""
+    return trainer.max_steps if trainer.max_steps >= 0 else None
 
 
 class SwarmSteps:
@@ -127,7 +133,7 @@ class SwarmSteps:
             raise ValueError("HivemindStrategy takes at most one LR scheduler")
         scheduler = self.lr_scheduler_configs[0].scheduler if self.lr_scheduler_configs else None
         if self.swarm.algorithm == "diloco":
-            return self._make_diloco_optimizer(self.optimizers[0], scheduler)
+            return self._make_diloco_optimizer(self.optimizers[0], scheduler, last_step(trainer))
         params, optimizer, scheduler_factory = factory_form(self.optimizers[0], scheduler)
         params = self._swarm_groups(params)
         swarm = self.swarm
@@ -139,6 +145,7 @@ class SwarmSteps:
             # dht.client_mode``) while its averagers take the DHT's: a client-mode peer then offered its state and
             # exited at its first download ("averager in client mode cannot share its state")
             client_mode=self.dht.client_mode,
+            max_steps=last_step(trainer),  # no downloaded state may be past the run's last step
             target_batch_size=swarm.target_batch_size,
             params=params,
             optimizer=optimizer,
@@ -159,7 +166,9 @@ class SwarmSteps:
             verbose=log.isEnabledFor(logging.DEBUG),
         )
 
-    def _make_diloco_optimizer(self, inner: torch.optim.Optimizer, scheduler: Any | None) -> DiLoCoOptimizer:
+    def _make_diloco_optimizer(
+        self, inner: torch.optim.Optimizer, scheduler: Any | None, max_steps: int | None
+    ) -> DiLoCoOptimizer:
         """The module's own optimizer steps every local batch; the outer loop averages once per swarm step."""
         if scheduler is not None and not isinstance(scheduler, LambdaLR):
             name = type(scheduler).__name__
@@ -180,6 +189,7 @@ class SwarmSteps:
             progress_expiration=swarm.progress_expiration,
             sync_every=swarm.sync_every,
             client_mode=swarm.client_mode,
+            max_steps=max_steps,
         )
         return DiLoCoOptimizer(inner, scheduler, diloco, self.events or SwarmEvents())
 
@@ -262,6 +272,18 @@ class SwarmSteps:
     def _hand_gradients(self, closure):
         """The closure hivemind runs: forward and backward leave the gradients where it reads them."""
         return closure
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """``--resume``: restore each optimizer's state where that optimizer keeps it.
+
+        Lightning moves every restored optimizer state to the module's device (``root_device``). A swarm optimizer
+        keeps its own: hivemind's offloaded optimizer (``gradient``) steps host copies of the parameters, so its
+        statistics stay in host memory whatever the module's device (moved to a GPU, they no longer sit with the host
+        parameters they update); DiLoCo's inner optimizer steps the module's parameters, so its statistics go with
+        them, and the outer ``shared`` parameters and momentum stay in host memory. torch's ``load_state_dict``
+        already puts each statistic beside its own parameter: nothing is moved after it."""
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            optimizer.load_state_dict(state)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         checkpoint["swarm_epoch"] = self.swarm_epoch  # also inside the optimizer state; here for readers

@@ -176,18 +176,14 @@ def test_prometheus_sees_the_swarm_train(tmp_path: Path, promtool: Path, prometh
         gpu_only = {name for name in DASHBOARD_METRICS if name.startswith("vitpeer_gpu_")}
         assert DASHBOARD_METRICS - gpu_only <= exported, sorted(DASHBOARD_METRICS - gpu_only - exported)
 
-        # both peers average with each other. KNOWN FAILURE, for issues 8/9: in 1 of 6 fresh-clone runs one peer
-        # kept catching up by state download and had no averaged round after 60 s while the swarm advanced (the
-        # exporter reported it correctly). Recorded as an explicit xfail, after every check above has passed.
+        # both peers average with each other. Once 1 run in 6 failed here: the first peer, alone, pre-scheduled a
+        # gradient round and cancelled it as the second peer joined its matchmaking, which then stayed broken. A lone
+        # peer no longer pre-schedules (``SwarmOptimizer._maybe_schedule_gradient_averaging``).
         def averaged_on_both() -> dict[str, float] | None:
             counts = prometheus.by('vitpeer_averaging_rounds_total{outcome="averaged"}', "instance")
             return counts if len(counts) == 2 and all(count > 0 for count in counts.values()) else None
 
-        try:
-            wait_for("an averaged round on both peers", averaged_on_both, 60)
-        except AssertionError:
-            counts = prometheus.by('vitpeer_averaging_rounds_total{outcome="averaged"}', "instance")
-            pytest.xfail(f"a peer never averaged within 60 s: {counts}")
+        wait_for("an averaged round on both peers", averaged_on_both, 60)
         durations = prometheus.by("vitpeer_averaging_round_duration_seconds_count", "instance")
         assert len(durations) == 2 and all(count > 0 for count in durations.values()), durations
 
@@ -234,7 +230,14 @@ def test_prometheus_sees_the_swarm_train(tmp_path: Path, promtool: Path, prometh
         assert 0 < status["communication"]["wait_ratio"] < 1
         for report in status["peers"]:
             assert report["algorithm"] == "gradient" and report["compute_seconds"] > 0, report
-        sent = prometheus.by('vitpeer_swarm_peer_sent_bytes_total{job="vitpeer-coordinator"}', "peer_id")
-        assert set(sent) == set(ids) and all(value > 0 for value in sent.values()), sent
+
+        # each peer's total, as its record says: records are published once per swarm step and reach Prometheus
+        # through the coordinator a scrape later, so one look can see a peer's record from before its first round
+        def sent_by_both() -> dict[str, float] | None:
+            sent = prometheus.by('vitpeer_swarm_peer_sent_bytes_total{job="vitpeer-coordinator"}', "peer_id")
+            return sent if set(sent) == set(ids) and all(value > 0 for value in sent.values()) else None
+
+        sent = wait_for("both peers' bytes sent, from their records", sent_by_both, 30)
+        print(f"bytes sent, from the records: {sent}")
     finally:
         stop_all(processes)
