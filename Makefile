@@ -8,7 +8,13 @@ PROM := .tools/prometheus/usr/bin
 # ruff, then the layer contracts in pyproject.toml ([tool.importlinter]; no cache folder left behind)
 LINT = $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports --no-cache
 
-.PHONY: demo test bench lint format clean
+# Debian packages the tests use, installed with apt-get when missing (as root; without them those tests skip, saying
+# so): podman, runc and debootstrap (and podman's network helpers) for the image test
+# (tests/docker/test_volunteer_image.py), which builds the Dockerfile and runs its containers; nftables for the NAT
+# router of the namespace tests (tests/netns.py).
+TEST_TOOLS := podman runc debootstrap netavark aardvark-dns nftables
+
+.PHONY: demo test bench lint format clean test-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,11 +27,18 @@ $(PROM)/promtool:
 	cd .tools/prometheus && dpkg -x prometheus_*.deb . && rm prometheus_*.deb
 	$@ --version >/dev/null
 
+test-tools:
+	@missing=$$(for p in $(TEST_TOOLS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq $$missing >/dev/null || { apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; }; \
+	fi
+
 demo: $(STAMP)
 	$(VENV)/bin/vitpeer demo
 
 # lint, then the installed wheel (.ci/wheel-check: a new venv outside the checkout, 100-150 s), then the suite
-test: $(STAMP) $(PROM)/promtool
+test: $(STAMP) $(PROM)/promtool test-tools
 	$(LINT)
 	PYTHON=$(PYTHON) .ci/wheel-check
 	$(VENV)/bin/python -m pytest -m "not gpu" --durations=30
