@@ -225,11 +225,14 @@ CELL_TEST = re.compile(r"`([\w/]+\.py)::(\w+)(?:\[([^\]]+)\])?`")
 
 
 def readme_rows() -> list[list[str]]:
-    """The cells of the table under "## When things go wrong" (header and separator left out)."""
-    text = README.read_text()
-    section = text.split("## When things go wrong", 1)[1].split("\n## ", 1)[0]
-    table = [line for line in section.splitlines() if line.startswith("|")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
+    """The cells of the tables under "## When things go wrong" and "## Hostile peers" (headers and separators left
+    out)."""
+    text, rows = README.read_text(), []
+    for heading in ("## When things go wrong", "## Hostile peers"):
+        section = text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+        table = [line for line in section.splitlines() if line.startswith("|")]
+        rows += [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
+    return rows
 
 
 def parametrize_ids(function) -> list[str] | None:
@@ -263,7 +266,11 @@ def load_test_file(file: str) -> ModuleType | None:
     spec = importlib.util.spec_from_file_location(name, found[0])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(found[0].parent))  # as pytest's rootdir-relative import does: its sibling modules
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(found[0].parent))
     return module
 
 
