@@ -47,6 +47,8 @@ def check_run(config: RunConfig, *, swarm: bool) -> None:
     if swarm:
         check_swarm_trainer(config)
         check_target_batch(config)
+        if config.trainer.resume is not None:
+            check_resume_algorithm(config.trainer.resume, config.swarm.algorithm)
         if os.environ.get("LOCAL_RANK", "0") == "0":
             check_listen_ports(config.swarm)
     check_writable(config.trainer.output_dir, "trainer.output_dir", "--output-dir")
@@ -149,6 +151,28 @@ def check_checkpoint(path: Path, key: str) -> None:
         problem = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
     if problem is not None:
         raise ConfigError(f"{shown} is not a readable checkpoint ({problem})")
+
+
+def check_resume_algorithm(path: Path, algorithm: str) -> None:
+    """A swarm checkpoint resumes only under the algorithm that wrote it: their swarm optimizers keep different
+    states (diloco: the inner optimizer and the outer state; gradient: hivemind's offloaded optimizer)."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    optimizer = (state.get("optimizer_states") or [None])[0]
+    if not isinstance(optimizer, dict):
+        return
+    if "outer_state" in optimizer:  # ``DiLoCoOptimizer.state_dict``
+        written_by = "diloco"
+    elif "local_epoch" in (optimizer.get("state") or {}):  # hivemind's ``Optimizer.state_dict``
+        written_by = "gradient"
+    else:
+        return  # not a swarm's optimizer (a `vitpeer train` checkpoint)
+    if written_by != algorithm:
+        raise ConfigError(
+            f"trainer.resume = {str(path)!r} was written by a {written_by} swarm, but this run's swarm.algorithm is "
+            f"{algorithm!r}: resume it with --algorithm {written_by}, or start this run without --resume"
+        )
 
 
 def _checkpoint_problem(path: Path) -> str | None:

@@ -14,10 +14,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from vitpeer.peer.core.config import load_config
+from vitpeer.peer.core.config import ConfigError, load_config
 from vitpeer.peer.core.data import VisionDataModule, num_classes
 from vitpeer.peer.core.diloco import DiLoCoOptimizer
 from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
+from vitpeer.peer.core.preflight import check_resume_algorithm
 from vitpeer.peer.core.strategy import HivemindStrategy
 from vitpeer.peer.core.swarm import start_dht
 
@@ -163,3 +164,19 @@ def test_resume_on_a_gpu_trains_on_with_the_state_where_each_optimizer_holds_it(
         assert all(torch.isfinite(param).all() for param in trainer.lightning_module.parameters())
     finally:
         dht.shutdown()
+
+
+def test_a_checkpoint_of_the_other_algorithm_is_refused_naming_both(tmp_path: Path):
+    """It failed with a KeyError inside Lightning's restore; now preflight refuses it in one line."""
+    diloco = {"inner": {}, "swarm_epoch": 3, "outer_state": []}  # what DiLoCoOptimizer.state_dict holds
+    gradient = {"state": {"local_epoch": 3}, "param_groups": []}  # what hivemind's Optimizer.state_dict holds
+    for name, state in (("diloco", diloco), ("gradient", gradient)):
+        path = tmp_path / f"{name}.ckpt"
+        torch.save({"state_dict": {}, "optimizer_states": [state]}, path)
+        check_resume_algorithm(path, name)  # its own algorithm: accepted
+        other = "gradient" if name == "diloco" else "diloco"
+        with pytest.raises(ConfigError, match=f"written by a {name} swarm.*'{other}'.*--algorithm {name}"):
+            check_resume_algorithm(path, other)
+    plain = tmp_path / "train.ckpt"  # a `vitpeer train` checkpoint: a plain optimizer, no swarm state to mismatch
+    torch.save({"state_dict": {}, "optimizer_states": [{"state": {}, "param_groups": []}]}, plain)
+    check_resume_algorithm(plain, "diloco")
