@@ -22,7 +22,7 @@ from typing import Any
 from hivemind.utils import get_dht_time
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vitpeer.coordinator.api import ApiServer
+from vitpeer.coordinator.api import ApiServer, page_routes
 from vitpeer.coordinator.checkpoints import CheckpointStore, export_for_timm
 from vitpeer.coordinator.config import CoordinatorConfig
 from vitpeer.coordinator.state import evaluate, open_swarm_state
@@ -64,6 +64,8 @@ class Coordinator:
         self.history = MetricsLog(coord.state_dir / "metrics.jsonl")
         self.store = CheckpointStore(coord.state_dir / "checkpoints", coord.keep_last)
         self.hash = config_hash(config)
+        self.url = ""  # the HTTP API's address, once it listens
+        self.evaluations = coord.state_dir / "evaluations.jsonl"  # the page's accuracy curve: one line a checkpoint
 
     # --- start ----------------------------------------------------------------------------------------------------
 
@@ -158,6 +160,9 @@ class Coordinator:
                 **scores,
             },
         )
+        evaluation = {key: sidecar.get(key) for key in ("swarm_epoch", "val_accuracy", "val_loss", "time")}
+        with self.evaluations.open("a") as sink:
+            sink.write(json.dumps(evaluation) + "\n")
         accuracy = sidecar.get("val_accuracy")
         log.info(
             "checkpoint %s: swarm step %d, val accuracy %s, %.1f MB written in %.2f s",
@@ -197,6 +202,8 @@ class Coordinator:
             "run_id": self.config.swarm.run_id,
             "algorithm": self.config.swarm.algorithm,
             "config_hash": self.hash,
+            "max_steps": self.config.trainer.max_steps,  # as the run's config says (/config); a peer may stop sooner
+            "url": self.url,
             **swarm,
             "state_epoch": self.state.epoch,
             "checkpoints": {"newest": self.store.newest(), "best": self.store.best()},
@@ -211,6 +218,7 @@ class Coordinator:
             "/status": lambda: ("application/json", json.dumps(self.status(), indent=2) + "\n"),
             "/config": lambda: ("application/yaml", self.config.for_peers().to_yaml()),
             "/metrics": lambda: (CONTENT_TYPE_LATEST, generate_latest(self.registry).decode()),
+            **page_routes(self.coord.state_dir, self.store.complete),  # /, /history.json, /best/...
         }
 
     def shutdown(self) -> None:
@@ -235,9 +243,10 @@ def run_coordinator(config: RunConfig, coord: CoordinatorConfig) -> None:
     try:
         coordinator.start()
         api = ApiServer(coord.http_host, coord.http_port, coordinator.routes())
-        url = http_url(coord, api.port)
+        url = coordinator.url = http_url(coord, api.port)
         log.info("coordinator of run %r; initial peers: %s", config.swarm.run_id, " ".join(coordinator.maddrs))
         log.info("HTTP API at %s (/status, /initial-peers, /config, /metrics)", url)
+        log.info("live page at %s/", url)
         log.info("volunteers join with: vitpeer join --coordinator %s", url)
         if coord.http_host.startswith("127.") or coord.http_host in ("localhost", "::1"):
             log.warning("the HTTP API answers on this host only; pass --http-host 0.0.0.0 to let volunteers reach it")

@@ -114,6 +114,8 @@ def train(config_file: str | None, verbose: bool, **options: Any) -> None:
 def demo(peers: int, config_file: str, max_steps: int | None, output_dir: Path) -> None:
     """A local swarm on 127.0.0.1: N peers train the embedded digits set together, then report test accuracy.
 
+    A coordinator watches them: its live page (URL printed at the start) shows the swarm while it trains.
+
     \b
     Example: vitpeer demo --peers 2
     """
@@ -121,7 +123,7 @@ def demo(peers: int, config_file: str, max_steps: int | None, output_dir: Path) 
     setup_logging(verbose=False)
     from vitpeer.peer.commands.demo import run_demo
 
-    accuracy = run_demo(peers, config_file, output_dir, max_steps)
+    accuracy = run_demo(peers, config_file, output_dir, max_steps, coordinator=True)
     if accuracy is None:
         sys.exit(1)
 

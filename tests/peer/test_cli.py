@@ -140,7 +140,7 @@ def test_a_bool_flag_shows_which_side_is_the_default():
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "help"
 HELP_WIDTH = 108  # what click prints in a terminal 110 columns wide or wider (the commands' max_content_width)
 UPDATE_SNAPSHOTS = os.environ.get("VITPEER_UPDATE_SNAPSHOTS") == "1"
-COMMANDS = ["vitpeer", "join", "train", "demo", "evaluate", "plot", "doctor", "profile", "coordinator", "monitor"]
+COMMANDS = "vitpeer join train demo evaluate plot doctor profile coordinator monitor status".split()
 
 
 @pytest.mark.parametrize("name", COMMANDS)
