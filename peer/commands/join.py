@@ -163,11 +163,13 @@ class SwarmMembership:
 
     def leave_now(self, trainer: pl.Trainer, strategy: SwarmSteps) -> None:
         """Past the leave's deadline, from its thread, while the loop waits in a round: save what the parameters
-        are (one device: nothing writes them during the wait), say goodbye, stop the DHT."""
+        are (one device: nothing writes them during the wait) and the results, then say goodbye and stop the DHT.
+        The local files first: a goodbye can hang on a DHT that no longer answers, and the process exits
+        ``LAST_WORDS`` seconds later whatever is left undone."""
         if trainer.world_size == 1:
             trainer.save_checkpoint(self.out / "checkpoints" / "last.ckpt")
-        strategy.say_goodbye()
         write_results(self.out, {"swarm_epoch": strategy.swarm_epoch, "left_early": True, "step_finished": False})
+        strategy.say_goodbye()
         self.dht.shutdown()  # and its p2p daemon
 
     def write_left_early(self, swarm_epoch: int, summary: dict[str, Any]) -> None:
