@@ -19,9 +19,11 @@ PATH or unpacked in ``.tools/nftables`` (``apt-get download nftables`` and its l
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,6 +146,11 @@ def nat(privates: int = 1) -> Iterator[Nat]:
         _masquerade(topology.router, f"{base}pb", [f"{base}{i}a" for i in range(1, privates + 1)])
         yield topology
     finally:
+        for namespace in namespaces:  # what still runs inside (`ip netns exec` forks: killing it orphans its child)
+            found = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
+            for pid in found:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
         for namespace in namespaces:  # removing a namespace removes the veth ends inside it, and with them the pair
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
         for link in links:  # a pair created but not yet moved into its namespace lives here
