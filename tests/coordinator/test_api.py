@@ -14,9 +14,8 @@ import click
 import hivemind
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
+from keys import Keyring
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -263,24 +262,6 @@ def test_status_shows_the_runs_algorithm_and_what_the_swarm_cost_its_peers(tmp_p
     assert (peers["alice"]["compute_seconds_per_round"], peers["alice"]["wait_ratio"]) == (3.5, 0.125)
     assert (peers["bob"]["sent_bytes_per_round"], peers["bob"]["wait_ratio"]) == (1_000_000, 0.375)
     assert peers["bob"]["failed_rounds"] == 1
-
-
-class Keyring(RecordValidatorBase):
-    """One malicious peer holding several keys: signs each record with the key its subkey names, and keeps whatever
-    it stores (no schema, no bounds)."""
-
-    def __init__(self, count: int):
-        self.signers = [RSASignatureValidator(RSAPrivateKey()) for _ in range(count)]
-        self.keys = [signer.local_public_key for signer in self.signers]
-
-    def sign_value(self, record: DHTRecord) -> bytes:
-        for signer in self.signers:
-            if signer.local_public_key in record.subkey:
-                return signer.sign_value(record)
-        return record.value
-
-    def validate(self, record: DHTRecord) -> bool:
-        return True
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple], float]:

@@ -22,10 +22,8 @@ from typing import Any
 
 import hivemind
 import pytest
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
+from keys import Keyring
 from processes import RUN_ID, Coordinator, fetch, free_port, listed, peer, peer_id, wait_for
 
 from vitpeer.peer.core.processes import stop_all
@@ -39,23 +37,6 @@ HOSTILE = (
     "<script>document.body.setAttribute('data-pwned','script')</script>\x1b]0;pwned\x07"
 )
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-class Keyring(RecordValidatorBase):
-    """Many peers' keys in one node: signs each record with the key its subkey names."""
-
-    def __init__(self, count: int):
-        self.signers = [RSASignatureValidator(RSAPrivateKey()) for _ in range(count)]
-        self.keys = [signer.local_public_key for signer in self.signers]
-
-    def sign_value(self, record: DHTRecord) -> bytes:
-        for signer in self.signers:
-            if signer.local_public_key in record.subkey:
-                return signer.sign_value(record)
-        return record.value
-
-    def validate(self, record: DHTRecord) -> bool:
-        return True
 
 
 @dataclass

@@ -9,9 +9,10 @@ import hivemind
 import pydantic.v1
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.dht.validation import DHTRecord
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from keys import Keyring
 
 from vitpeer.peer.core.records import (
     MAX_LOSS,
@@ -112,24 +113,6 @@ def test_oversized_and_forged_records_are_refused_and_the_real_one_survives():
     finally:
         forger.shutdown()
         guarded.shutdown()
-
-
-class Keyring(RecordValidatorBase):
-    """One malicious peer holding several keys: signs each record with the key its subkey names, and keeps whatever
-    it stores (no schema, no bounds), as a node of another version or a hostile one would."""
-
-    def __init__(self, count: int):
-        self.signers = [RSASignatureValidator(RSAPrivateKey()) for _ in range(count)]
-        self.keys = [signer.local_public_key for signer in self.signers]
-
-    def sign_value(self, record: DHTRecord) -> bytes:
-        for signer in self.signers:
-            if signer.local_public_key in record.subkey:
-                return signer.sign_value(record)
-        return record.value
-
-    def validate(self, record: DHTRecord) -> bool:
-        return True
 
 
 def claim(**values) -> dict:
