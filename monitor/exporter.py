@@ -22,7 +22,8 @@ Series, besides the host's (``vitpeer.monitor.host``) and prometheus_client's st
     vitpeer_compute_seconds_total              local steps' wall time less the time blocked inside them
     vitpeer_state_downloads_total{outcome}     loaded | current | failed; refused: a state a peer sent that failed
                                                the check (shapes, dtypes, NaN/Inf, step too far ahead), not taken
-    vitpeer_batches_skipped_total{reason}      nonfinite: local batches whose NaN/Inf gradients were not sent
+    vitpeer_batches_skipped_total{reason}      nonfinite: local batches whose NaN/Inf gradients were not sent;
+                                               behind: batches dropped because the swarm had moved on (gradient)
 
 The training numbers are read from the trainer at scrape time (nothing is added to the training step); rounds and
 downloads are counted as the strategy reports them. The bytes, wait and compute totals are the ones the peer
@@ -105,7 +106,8 @@ class PeerExporter(SwarmEvents):
             ["reason"],
             registry=self.registry,
         )
-        self.skipped.labels("nonfinite")
+        for reason in ("nonfinite", "behind"):
+            self.skipped.labels(reason)
         for outcome in ROUND_OUTCOMES:  # every outcome exists from the start at 0, so rate() sees the first one
             self.rounds.labels(outcome)
         for outcome in DOWNLOAD_OUTCOMES:

@@ -185,6 +185,7 @@ class SwarmMembership:
             "samples_contributed": self.reporter.samples,
             "local_steps": self.reporter.mini_steps,
             "batches_skipped_nonfinite": strategy.optimizer.skipped_batches,
+            "batches_dropped_behind": strategy.optimizer.dropped_behind,
         }
 
     def close(self) -> None:

@@ -471,6 +471,7 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
         self.defaults = inner.defaults
         self.skipped_batches = 0
         """Local batches whose gradients held NaN or Inf: not stepped, not counted toward the swarm's target."""
+        self.dropped_behind = 0  # always: diloco steps each batch before it checks whether it is behind
         self.parameters_version = 0
         """Bumped whenever the outer loop wrote the parameters (a round applied, a sync, a download)."""
         self._reported_rounds = 0

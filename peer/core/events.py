@@ -92,4 +92,5 @@ class SwarmEvents:
         was not applied, and the peer with the next priority was asked, in the same download."""
 
     def batch_skipped(self, reason: str) -> None:
-        """A local batch's gradients were kept out of the swarm: ``nonfinite`` (NaN or Inf in them)."""
+        """A local batch's gradients were kept out of the swarm: ``nonfinite`` (NaN or Inf in them) or ``behind``
+        (the swarm had moved on: hivemind dropped them and loaded the swarm's state)."""

@@ -276,6 +276,9 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self._loaders.append(loader)
         self.skipped_batches = 0
         """Local batches whose gradients held NaN or Inf and were not sent (see ``_check_and_accumulate_gradients``)."""
+        self.dropped_behind = 0
+        """Local batches hivemind dropped because this peer was behind the swarm: it loaded the swarm's state
+        instead of sending them (see ``_should_load_state_from_peers``)."""
         self.parameters_version = 0
         """Bumped whenever hivemind writes this peer's parameters: an optimizer step, a (background) averaging result
         applied at any later local step, a state download. Local ranks that follow this peer sync when it moves."""
@@ -357,6 +360,16 @@ class SwarmOptimizer(hivemind.Optimizer):
         if not self._skips_nonfinite_batch():
             super().step(batch_size=batch_size, grad_scaler=grad_scaler)
         return loss
+
+    def _should_load_state_from_peers(self) -> bool:
+        # hivemind asks this in ``step`` only, after the batch's gradients exist: True drops them unchecked and loads
+        # the swarm's state. Counted, so a user sees samples lost to catching up (and a NaN batch dropped here was
+        # never sent either)
+        behind = super()._should_load_state_from_peers()
+        if behind and not self.auxiliary:
+            self.dropped_behind += 1
+            self.events.batch_skipped("behind")
+        return behind
 
     def _skips_nonfinite_batch(self) -> bool:
         """True, counted and logged, when this local batch's gradients hold NaN or Inf."""

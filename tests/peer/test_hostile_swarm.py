@@ -207,8 +207,14 @@ def test_late_joiner_holds_the_swarm_state_within_30_s(scenario: dict[str, Any])
 
 
 def test_poisoned_batches_never_reach_the_swarm(scenario: dict[str, Any]):
+    """Each NaN batch the poisoned peer made (every third it finished) was kept out of the swarm: by the poison
+    guard, or, when hivemind found the peer behind the swarm at that step, dropped unsent with the state download
+    (one CI run: 107 guarded + some dropped of 113 NaN batches; the guard alone cannot see those)."""
     poisoned, swarm = scenario["poisoned"], scenario["swarm"]
-    assert poisoned["batches_skipped_nonfinite"] >= poisoned["local_steps"] // 3 - 1 > 0, poisoned
+    made = poisoned["local_steps"] // 3
+    guarded, dropped = poisoned["batches_skipped_nonfinite"], poisoned["batches_dropped_behind"]
+    assert made > 0 and guarded <= made and guarded + dropped >= made, poisoned
+    assert guarded >= made // 2, poisoned  # the guard, not catching up, is what stops them
     assert "non-finite gradients (NaN or Inf) in a local batch" in text(swarm.log("poisoned"))
     for name in ("steady", "churned"):
         assert scenario[name]["batches_skipped_nonfinite"] == 0

@@ -307,6 +307,34 @@ def test_with_local_updates_a_batch_with_nan_gradients_is_not_stepped():
         assert all(torch.isfinite(param).all() for param in params) and opt.skipped_batches == 1
 
 
+@pytest.mark.timeout(90)
+def test_a_batch_finished_behind_the_swarm_is_dropped_unsent_and_counted():
+    """hivemind checks whether a peer fell behind before the poison guard sees the batch: such a batch (NaN here) is
+    dropped with the state download, never sent, and counted as ``behind`` so the samples lost are visible."""
+    run_id = "remote-behind"
+    with swarm() as start:
+        ahead = start(gradient_peer(start(), run_id))
+        ahead.state_averager.local_epoch = 5
+        ahead.tracker.report_local_progress(5, 1)
+        ahead.state_averager.state_sharing_priority = 5
+        events = Recorder()
+        behind = start(gradient_peer(start(), run_id, events))
+        wait_for("the swarm's step 5 seen", lambda: behind.tracker.global_epoch == 5, 30)
+        params = behind.state_averager.main_parameters
+
+        def nan_loss():
+            behind.zero_grad()
+            loss = params[0].sum() * float("nan")
+            loss.backward()
+            return loss
+
+        behind.step(nan_loss, batch_size=4)
+        assert events.skipped == ["behind"] and behind.dropped_behind == 1 and behind.skipped_batches == 0
+        assert behind.local_epoch == 5 and events.downloads == ["loaded"], events.downloads
+        assert behind.tracker.local_progress.samples_accumulated == 0, "its samples were counted"
+        assert all(torch.isfinite(param).all() for param in params)
+
+
 @pytest.mark.timeout(60)
 def test_diloco_keeps_nonfinite_gradients_steps_and_progress_out_of_the_swarm():
     with swarm() as start:
