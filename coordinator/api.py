@@ -97,7 +97,7 @@ def read_history(state_dir: Path, sidecars: Callable[[], list[dict[str, Any]]] =
 
 class _CachedFile:
     """One fixed file's bytes, read again only when its size or modification time changed: every concurrent download
-    shares one copy in memory. FileNotFoundError (the route's 500, one line) until the file exists."""
+    shares one copy in memory. FileNotFoundError (the server's 404, one line) until the file exists."""
 
     def __init__(self, path: Path):
         self.path, self.key, self.data = path, None, b""

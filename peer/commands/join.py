@@ -245,7 +245,7 @@ def startup_summary(config: RunConfig, swarm: SwarmMembership, trainer: pl.Train
         f"{config.trainer.precision}, toward {settings.target_batch_size} per swarm step; {config.model.name} on "
         f"{data.source}, {config.trainer.max_steps} swarm steps",
         f"  metrics for Prometheus at {metrics.url}" if metrics else "  metrics      off (--metrics-port PORT)",
-        f"  others join with: {join_hint(swarm.maddrs, settings.run_id)}",
+        f"  others join with: {join_hint(swarm.maddrs, settings.run_id, settings.client_mode, settings.initial_peers)}",
     ]
     return "\n".join(lines)
 

@@ -10,7 +10,8 @@ limit, so anyone who reaches the port can tie up a training peer or the coordina
 - gives a connection ``timeout`` seconds to send its whole request (a client trickling one byte at a time is cut
   off too), and as long again to take the response;
 - serves at most ``max_connections`` at once and answers 503 at once beyond that, without starting a thread;
-- answers 500 with one line when a route raises, and keeps serving; it logs at debug level only.
+- answers 404 with one line when a route's file does not exist yet (FileNotFoundError), 500 with one line when a
+  route raises anything else, and keeps serving; it logs at debug level only.
 
 One request per connection (HTTP/1.0, ``Connection: close``), so no idle keep-alive connection holds a slot. It binds
 where it is told; its callers bind 127.0.0.1 unless asked (``--metrics-addr``, ``--http-host``).
@@ -250,6 +251,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             content_type, body = route()
+        except FileNotFoundError as err:  # e.g. the best model before any checkpoint was evaluated
+            self._send(404, "text/plain", f"{err}\n")
+            return
         except Exception as err:  # a failing route must not take the server down
             log.debug("%s %s failed", self.command, path, exc_info=True)
             self._send(500, "text/plain", " ".join(f"{type(err).__name__}: {err}".split()) + "\n")

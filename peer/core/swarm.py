@@ -102,6 +102,12 @@ def data_order_seed(dht: hivemind.DHT, seed: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def join_hint(maddrs: list[str], run_id: str) -> str:
-    """The ready-to-paste command line for other volunteers."""
+def join_hint(maddrs: list[str], run_id: str, client_mode: bool = False, initial_peers: list[str] = ()) -> str:
+    """The ready-to-paste command line for other volunteers: through this peer's addresses, or, for a client-mode
+    peer (which no one can dial), through the initial peers it joined by."""
+    if client_mode:
+        return (
+            f"vitpeer join --run-id {run_id} --initial-peers {' '.join(initial_peers)} "
+            "(this peer's own initial peers: it runs in --client-mode, so no one can dial it)"
+        )
     return f"vitpeer join --run-id {run_id} --initial-peers {' '.join(maddrs)}"

@@ -19,7 +19,7 @@ from keys import Keyring
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from vitpeer.coordinator.api import ApiServer, Route
+from vitpeer.coordinator.api import ApiServer, Route, page_routes
 from vitpeer.coordinator.config import CoordinatorConfig
 from vitpeer.coordinator.run import Coordinator
 from vitpeer.monitor.swarm import SwarmCollector
@@ -105,6 +105,19 @@ def test_failing_route_is_500_and_the_server_keeps_serving(api: str):
     code, _, body = get(f"{api}/broken")
     assert code == 500 and "no checkpoint yet" in body
     assert get(f"{api}/initial-peers")[0] == 200
+
+
+def test_best_model_is_404_until_a_checkpoint_is_evaluated_then_served(tmp_path: Path):
+    server = serve(page_routes(tmp_path))
+    url = next(server)
+    try:
+        code, _, body = get(f"{url}/best/model.safetensors")
+        assert code == 404 and body == "no model.safetensors yet: no checkpoint has been evaluated\n"
+        (tmp_path / "best").mkdir()
+        (tmp_path / "best" / "model.safetensors").write_bytes(b"weights")
+        assert get(f"{url}/best/model.safetensors")[0] == 200
+    finally:
+        server.close()
 
 
 def test_coordinator_get_returns_the_body(api: str):

@@ -36,6 +36,9 @@ def test_loopback_peer_prints_its_loopback_address():
         dht.shutdown()
     assert addrs and all(addr.startswith("/ip4/127.0.0.1/tcp/") and addr.endswith(f"/p2p/{peer_id}") for addr in addrs)
     assert join_hint(addrs, "r1") == f"vitpeer join --run-id r1 --initial-peers {' '.join(addrs)}"
+    through = ["/ip4/203.0.113.5/tcp/31337/p2p/QmPublic"]
+    hint = join_hint(addrs, "r1", client_mode=True, initial_peers=through)  # no one can dial a client-mode peer
+    assert hint.startswith(f"vitpeer join --run-id r1 --initial-peers {through[0]} (") and addrs[0] not in hint
 
 
 @pytest.mark.timeout(120)

@@ -62,6 +62,7 @@ def test_a_client_mode_peer_trains_to_the_end_with_a_public_peer(tmp_path: Path,
         assert any(peers == 2 for _, _, peers in found), f"{name} never averaged with the other: {found}"
     client_log = (tmp_path / "client" / "log.txt").read_text()
     assert "cannot share its state" not in client_log and "Traceback" not in client_log, client_log[-3000:]
+    assert f"--initial-peers {meet[1]} (this peer's own initial peers" in client_log  # not its undialable address
     states = [torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False) for name in processes]
     assert states[0]["swarm_epoch"] == states[1]["swarm_epoch"] == max_steps
     for key, tensor in states[0]["state_dict"].items():
