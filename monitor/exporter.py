@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 ROUND_OUTCOMES = ("averaged", "failed", "alone")
 DOWNLOAD_OUTCOMES = ("loaded", "current", "failed", "refused")
+SKIP_REASONS = ("nonfinite", "behind")
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 """Seconds: a loopback round of a small model takes ~0.1 s, a ViT-B round over the internet tens of seconds."""
 
@@ -106,7 +107,7 @@ class PeerExporter(SwarmEvents):
             ["reason"],
             registry=self.registry,
         )
-        for reason in ("nonfinite", "behind"):
+        for reason in SKIP_REASONS:
             self.skipped.labels(reason)
         for outcome in ROUND_OUTCOMES:  # every outcome exists from the start at 0, so rate() sees the first one
             self.rounds.labels(outcome)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+from collections.abc import Sequence
 
 import hivemind
 from hivemind.utils.multiaddr import Multiaddr
@@ -102,12 +103,10 @@ def data_order_seed(dht: hivemind.DHT, seed: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def join_hint(maddrs: list[str], run_id: str, client_mode: bool = False, initial_peers: list[str] = ()) -> str:
+def join_hint(maddrs: Sequence[str], run_id: str, client_mode: bool = False, initial_peers: Sequence[str] = ()) -> str:
     """The ready-to-paste command line for other volunteers: through this peer's addresses, or, for a client-mode
     peer (which no one can dial), through the initial peers it joined by."""
+    hint = f"vitpeer join --run-id {run_id} --initial-peers {' '.join(initial_peers if client_mode else maddrs)}"
     if client_mode:
-        return (
-            f"vitpeer join --run-id {run_id} --initial-peers {' '.join(initial_peers)} "
-            "(this peer's own initial peers: it runs in --client-mode, so no one can dial it)"
-        )
-    return f"vitpeer join --run-id {run_id} --initial-peers {' '.join(maddrs)}"
+        hint += " (this peer's own initial peers: it runs in --client-mode, so no one can dial it)"
+    return hint
