@@ -4,7 +4,7 @@ For each compression, two hivemind averagers (each with its own DHT node and p2p
 flat tensor of ``NUMEL`` float32 values. A round is pre-scheduled and the clock starts when both have found their
 group (hivemind's ``AWAITING_TRIGGER`` stage), so matchmaking is timed on its own and the all-reduce on its own.
 Bytes on the wire are read from the loopback interface's counters (``/proc/net/dev``) around the all-reduce. The
-8-bit row is vitpeer's own codec (``core.quantization.Blockwise8BitCompression``, registered for the wire name
+8-bit row is vitpeer's own codec (``core.averaging.quantization.Blockwise8BitCompression``, registered for the wire name
 ``UNIFORM_8BIT`` by ``use_our_8bit_codec``, as every vitpeer peer does), not hivemind's quantizers.
 
 Each compression's round is compared with two transfers of the bytes that round put on the wire per peer, measured
@@ -31,8 +31,8 @@ from hivemind.averaging.control import AveragingStage
 from hivemind.compression import Float16Compression, NoCompression
 from hivemind.p2p import P2P
 
-from vitpeer.peer.core.hivemind_adapters import use_our_8bit_codec
-from vitpeer.peer.core.quantization import Blockwise8BitCompression
+from vitpeer.peer.core.averaging.hivemind_averagers import use_our_8bit_codec
+from vitpeer.peer.core.averaging.quantization import Blockwise8BitCompression
 
 NUMEL = 86_567_656  # vit_base_patch16_224's parameters
 COMPRESSIONS = {"none": NoCompression, "fp16": Float16Compression, "8bit": Blockwise8BitCompression}

@@ -19,7 +19,7 @@ from typing import Any
 
 from vitpeer.peer.commands.demo import run_demo
 from vitpeer.peer.core.config import load_config
-from vitpeer.peer.core.options import DEMO_CONFIG
+from vitpeer.peer.core.config.options import DEMO_CONFIG
 
 
 def _trained(out: Path, peers: int) -> int:

@@ -20,8 +20,8 @@ import pytorch_lightning as pl
 
 from vitpeer.peer.core.config import RunConfig, load_config
 from vitpeer.peer.core.data import VisionDataModule, num_classes
+from vitpeer.peer.core.lightning.strategy import HivemindStrategy
 from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
-from vitpeer.peer.core.strategy import HivemindStrategy
 
 
 class StepClock(pl.Callback):

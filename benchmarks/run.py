@@ -21,7 +21,7 @@ from typing import Any
 import click
 import torch
 
-from vitpeer.peer.core.options import setup_logging
+from vitpeer.peer.core.config.options import setup_logging
 
 BENCHES = ("overhead", "utilisation", "scaling", "averaging", "convergence", "gpu", "wan")
 

@@ -336,7 +336,7 @@ def bootstrap(address: str) -> None:
     """A DHT node for the peers to meet at (as ``vitpeer demo``'s); prints its address, lives until stdin closes."""
     import hivemind
 
-    from vitpeer.peer.core.processes import children_die_with_us
+    from vitpeer.peer.core.runtime.processes import children_die_with_us
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     children_die_with_us()
@@ -482,7 +482,7 @@ def train_pair(
         for echo in relays:
             echo.join(timeout=5)
     finally:
-        from vitpeer.peer.core.processes import stop_all
+        from vitpeer.peer.core.runtime.processes import stop_all
 
         stop_all(processes)
     return processes, time.monotonic() - started
@@ -711,7 +711,7 @@ if __name__ == "__main__":
     elif command == "run":
         import argparse
 
-        from vitpeer.peer.core.options import setup_logging
+        from vitpeer.peer.core.config.options import setup_logging
 
         parser = argparse.ArgumentParser(prog="python -m benchmarks.wan run", description=__doc__.split("\n")[0])
         parser.add_argument("--diloco-target", type=int, default=6400, help="samples per diloco round")

@@ -1,5 +1,5 @@
-"""The coordinator's read-only HTTP API and its live page, served by ``vitpeer.peer.core.http``'s hardened server like
-every ``/metrics``.
+"""The coordinator's read-only HTTP API and its live page, served by ``vitpeer.peer.core.runtime.http``'s hardened
+server like every ``/metrics``.
 
 ``GET /initial-peers`` (text: one multiaddr per line), ``GET /status`` (JSON), ``GET /config`` (the run's YAML,
 without the coordinator's own addresses and paths), ``GET /metrics`` (Prometheus text, see ``monitor.swarm``), and
@@ -21,7 +21,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from vitpeer.peer.core.http import HttpServer, Route
+from vitpeer.peer.core.runtime.http import HttpServer, Route
 
 __all__ = ["ApiServer", "Route", "page_routes", "read_history"]
 

@@ -8,7 +8,7 @@ import click
 
 from vitpeer.coordinator.config import CoordinatorConfig, check_coordinator
 from vitpeer.peer.core.config import validated
-from vitpeer.peer.core.options import (
+from vitpeer.peer.core.config.options import (
     Flag,
     build_config,
     config_file_option,

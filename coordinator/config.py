@@ -6,8 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from vitpeer.peer.core import preflight
-from vitpeer.peer.core.config import RunConfig, Section, SwarmConfig
+from vitpeer.peer.core.config import RunConfig, Section, SwarmConfig, preflight
 
 DEFAULT_HTTP_PORT = 8470
 

@@ -3,7 +3,7 @@
 Start: DHT node with a persistent identity at a fixed port -> the run's state, in the protocol of its algorithm
 (``open_swarm_state``) -> reload the newest complete checkpoint, if any -> HTTP API. Then, every ``poll_interval``
 seconds until SIGTERM or Ctrl-C: read the peers' signed metrics records (one row per signing key, implausible ones
-skipped: ``core.records.read_reports``), append the history, and when a checkpoint is due, download the swarm's
+skipped: ``core.swarm.records.read_reports``), append the history, and when a checkpoint is due, download the swarm's
 state, write it, evaluate it, commit it and export the best. One failure (a download, an evaluation, a write) is
 logged and counted in ``/status`` and tried again at the next interval; it never ends the run.
 """
@@ -30,10 +30,10 @@ from vitpeer.monitor.exporter import InfoCollector, host_registry
 from vitpeer.monitor.swarm import SwarmCollector
 from vitpeer.peer.core.config import RunConfig
 from vitpeer.peer.core.data import VisionDataModule
-from vitpeer.peer.core.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
 from vitpeer.peer.core.model import image_config
-from vitpeer.peer.core.records import MetricsLog, aggregate, read_reports, rejected_records
-from vitpeer.peer.core.swarm import default_route_ip, reachable_maddrs, start_dht
+from vitpeer.peer.core.swarm.dht import default_route_ip, reachable_maddrs, start_dht
+from vitpeer.peer.core.swarm.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
+from vitpeer.peer.core.swarm.records import MetricsLog, aggregate, read_reports, rejected_records
 
 log = logging.getLogger(__name__)
 

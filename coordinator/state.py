@@ -5,7 +5,8 @@ interface (``SwarmState``; ``open_swarm_state`` picks):
 
 - ``GradientState``: a hivemind ``TrainingStateAverager`` under the prefix of the peers' ``hivemind.Optimizer``
   (``<run_id>_state_averager``), with the same tensors in the same order: parameters, optimizer statistics, swarm step.
-- ``DiLoCoState``: the ``OuterAverager`` of ``core.diloco`` under ``<run_id>_diloco``: the shared parameters (fp32)
+- ``DiLoCoState``: the ``OuterAverager`` of ``core.algorithms.diloco`` under ``<run_id>_diloco``: the shared
+parameters (fp32)
   then the outer momentum, both in the order of the module's optimizer parameter groups (``DiLoCo.outer_state``),
   and the swarm step as ``{"epoch": N}``. The peers' own inner optimizers are theirs alone: nothing to keep.
 
@@ -38,13 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vitpeer.peer.core.algorithms.diloco import OuterAverager
+from vitpeer.peer.core.averaging.hivemind_averagers import TrainingStateAverager, catch_up_scheduler
+from vitpeer.peer.core.averaging.remote_state import StateCheck, can_read_progress, download_bound, training_state_check
 from vitpeer.peer.core.config import ConfigError, RunConfig
 from vitpeer.peer.core.data import num_classes
-from vitpeer.peer.core.diloco import OuterAverager
-from vitpeer.peer.core.hivemind_adapters import TrainingStateAverager, catch_up_scheduler
+from vitpeer.peer.core.lightning.strategy import COMPRESSION, factory_form
 from vitpeer.peer.core.model import ImageClassifier, build_model
-from vitpeer.peer.core.remote_state import StateCheck, can_read_progress, download_bound, training_state_check
-from vitpeer.peer.core.strategy import COMPRESSION, factory_form
 
 log = logging.getLogger(__name__)
 

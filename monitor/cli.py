@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vitpeer.peer.core.options import (
+from vitpeer.peer.core.config.options import (
     INITIAL_PEERS,
     BadInput,
     Flag,

@@ -11,7 +11,7 @@ Series, besides the host's (``vitpeer.monitor.host``) and prometheus_client's st
     vitpeer_swarm_peers                        swarm size this peer sees
     vitpeer_swarm_samples_accumulated          samples the swarm gathered toward the next step
     vitpeer_target_batch_size                  samples per swarm step
-    vitpeer_averaging_rounds_total{outcome}    averaged | failed | alone (see ``core.events.SwarmEvents``)
+    vitpeer_averaging_rounds_total{outcome}    averaged | failed | alone (see ``core.averaging.events.SwarmEvents``)
     vitpeer_averaging_round_duration_seconds   histogram: (pseudo-)gradients handed over -> round finished
     vitpeer_averaging_sent_bytes_total         estimated bytes sent in averaged rounds: 2 (N - 1) / N of the
                                                tensors as compressed, per round among N peers (state rounds,
@@ -27,7 +27,8 @@ Series, besides the host's (``vitpeer.monitor.host``) and prometheus_client's st
 
 The training numbers are read from the trainer at scrape time (nothing is added to the training step); rounds and
 downloads are counted as the strategy reports them. The bytes, wait and compute totals are the ones the peer
-publishes in its DHT record (``core.events.SwarmTotals``, ``core.reporter``), so the coordinator shows the same.
+publishes in its DHT record (``core.averaging.events.SwarmTotals``, ``core.swarm.reporter``), so the coordinator shows
+the same.
 Bytes per averaged round: ``rate(vitpeer_averaging_sent_bytes_total) / rate(vitpeer_averaging_rounds_total{outcome=
 "averaged"})``; share of time blocked: ``rate(wait) / (rate(wait) + rate(compute))``.
 """
@@ -42,14 +43,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from vitpeer.monitor.host import HostCollector, Nvml
-from vitpeer.peer.core.diloco import DiLoCoOptimizer
-from vitpeer.peer.core.events import SwarmEvents
-from vitpeer.peer.core.hivemind_adapters import SwarmOptimizer
-from vitpeer.peer.core.records import vitpeer_version
+from vitpeer.peer.core.algorithms.diloco import DiLoCoOptimizer
+from vitpeer.peer.core.averaging.events import SwarmEvents
+from vitpeer.peer.core.averaging.hivemind_optimizer import SwarmOptimizer
+from vitpeer.peer.core.swarm.records import vitpeer_version
 
 if TYPE_CHECKING:
-    from vitpeer.peer.core.reporter import SwarmReporter
-    from vitpeer.peer.core.strategy import HivemindStrategy
+    from vitpeer.peer.core.lightning.strategy import HivemindStrategy
+    from vitpeer.peer.core.swarm.reporter import SwarmReporter
 
 ROUND_OUTCOMES = ("averaged", "failed", "alone")
 DOWNLOAD_OUTCOMES = ("loaded", "current", "failed", "refused")

@@ -16,9 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from vitpeer.monitor.swarm import SwarmCollector
 from vitpeer.peer.core.config import SwarmConfig
-from vitpeer.peer.core.http import MetricsServer
-from vitpeer.peer.core.records import aggregate, read_reports, rejected_records
-from vitpeer.peer.core.swarm import start_dht
+from vitpeer.peer.core.runtime.http import MetricsServer
+from vitpeer.peer.core.swarm.dht import start_dht
+from vitpeer.peer.core.swarm.records import aggregate, read_reports, rejected_records
 
 log = logging.getLogger(__name__)
 

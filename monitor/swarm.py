@@ -7,8 +7,8 @@
     vitpeer_swarm_peer_epoch / _samples_per_second / _loss / _samples_total / _report_age_seconds {signer,peer_id}
     vitpeer_swarm_peer_rounds_total / _averaged_rounds_total / _sent_bytes_total / _averaging_seconds_total /
         _wait_seconds_total / _compute_seconds_total {signer,peer_id}
-                                               what the swarm cost each peer (``core.events.SwarmTotals``): its
-                                               rounds, estimated bytes sent, averaging time, time blocked on the
+                                               what the swarm cost each peer (``core.averaging.events.SwarmTotals``):
+                                               its rounds, estimated bytes sent, averaging time, time blocked on the
                                                swarm and computing, as its own exporter counts them
     vitpeer_rejected_records_total{reason}     signature | schema: forged, malformed or implausible records
                                                refused (out-of-bounds values count as schema)
@@ -19,7 +19,8 @@ and, when the status has checkpoints (the coordinator's)::
     vitpeer_checkpoint_failures_total{stage}   download | evaluate | checkpoint
 
 Per-peer series come from the records, so organisers see every volunteer without scraping them (most are behind
-NAT). A series is a signer's (``signer``: the id of the key that signed the record, ``core.records.signer_id``); its
+NAT). A series is a signer's (``signer``: the id of the key that signed the record, ``core.swarm.records.signer_id``);
+its
 ``peer_id`` is what the record claims, a label anyone can write: two keys claiming one ``peer_id`` are two series, and
 neither replaces the other. ``signer`` has one value per live peer (a peer restarted after a crash signs with a new
 key: two values until its old record expires). The costs stay per peer: a sum over the live peers would drop when one

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from vitpeer.peer.core.options import BadInput
+from vitpeer.peer.core.config.options import BadInput
 
 ENTRY_POINTS = "vitpeer.commands"
 

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from vitpeer.peer.core.processes import descendants
+from vitpeer.peer.core.runtime.processes import descendants
 
 KEEP = {"torch_shm_manag"}  # torch's shared-memory helper: it leaves with us, and killing it first aborts the exit
 

@@ -17,7 +17,7 @@ import sys
 import pytorch_lightning as pl
 
 from vitpeer.peer.commands.extend import join_with_callbacks
-from vitpeer.peer.core import hivemind_adapters
+from vitpeer.peer.core.averaging import hivemind_optimizer
 from vitpeer.peer.core.config import RunConfig
 
 ROUND_MARK = "averaging round begins"
@@ -36,14 +36,14 @@ class NaNImagesEvery(pl.Callback):
 
 
 def say_rounds() -> None:
-    average = hivemind_adapters.SwarmOptimizer._average_gradients_and_load_into_optimizer
+    average = hivemind_optimizer.SwarmOptimizer._average_gradients_and_load_into_optimizer
 
     def announced(self, maybe_step_control):
         if maybe_step_control is not None:
             print(ROUND_MARK, flush=True)
         return average(self, maybe_step_control)
 
-    hivemind_adapters.SwarmOptimizer._average_gradients_and_load_into_optimizer = announced
+    hivemind_optimizer.SwarmOptimizer._average_gradients_and_load_into_optimizer = announced
 
 
 def faults(config: RunConfig) -> list[pl.Callback]:

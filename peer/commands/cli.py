@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from vitpeer.peer.commands import doctor, flops
-from vitpeer.peer.core import preflight
-from vitpeer.peer.core.config import RunConfig
-from vitpeer.peer.core.options import (
+from vitpeer.peer.core.config import RunConfig, preflight
+from vitpeer.peer.core.config.options import (
     DEMO_CONFIG,
     FLAGS_OVER_FILE,
     JOIN_FLAGS,
@@ -166,7 +165,7 @@ def plot(run_dir: Path) -> None:
     \b
     Example: vitpeer plot outputs/digits_tiny
     """
-    from vitpeer.peer.core.history import HISTORY_DIR, plot_history
+    from vitpeer.peer.core.runtime.history import HISTORY_DIR, plot_history
 
     try:
         written = plot_history(run_dir)

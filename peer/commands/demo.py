@@ -23,7 +23,7 @@ from pathlib import Path
 
 import hivemind
 
-from vitpeer.peer.core.processes import stop_all
+from vitpeer.peer.core.runtime.processes import stop_all
 
 OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d vitpeer ")  # the format core.options.setup_logging gives our own records
 CHECKPOINT_EVERY = 10

@@ -29,8 +29,8 @@ from typing import Any, Literal
 import click
 
 from vitpeer.peer.core.config import peer_multiaddr_problem, split_peer_list
-from vitpeer.peer.core.options import setup_logging
-from vitpeer.peer.core.processes import (
+from vitpeer.peer.core.config.options import setup_logging
+from vitpeer.peer.core.runtime.processes import (
     adopting_orphans,
     children_die_with_us,
     descendants,
@@ -147,13 +147,13 @@ def check_hivemind() -> list[Check]:
 def check_swarm_module() -> list[Check]:
     """vitpeer's own swarm code imports (it brings in Lightning): nothing on this list, only a FAIL when it breaks."""
     try:
-        import vitpeer.peer.core.swarm  # noqa: F401
+        import vitpeer.peer.core.swarm.dht  # noqa: F401
     except Exception as err:
         return [
             Check(
                 "vitpeer",
                 "FAIL",
-                f"vitpeer.peer.core.swarm does not import ({err!r}); reinstall vitpeer: pip install -e .",
+                f"vitpeer.peer.core.swarm.dht does not import ({err!r}); reinstall vitpeer: pip install -e .",
             )
         ]
     return []
@@ -322,7 +322,7 @@ def _local_address_toward(ip: str) -> str | None:
 
 def check_coordinator_status(url: str, timeout: float) -> list[Check]:
     """GET ``url``/status within ``timeout`` seconds and report the run id and how many peers it lists."""
-    from vitpeer.peer.core.http import coordinator_get
+    from vitpeer.peer.core.runtime.http import coordinator_get
 
     started = time.monotonic()
     fetch = in_background(coordinator_get, url, "status", min(COORDINATOR_RETRY, timeout))
@@ -425,7 +425,7 @@ def run_doctor(
         hivemind_checks += check_swarm_module()
     swarm_ok = all(
         check.status != "FAIL" for check in hivemind_checks
-    )  # hivemind and vitpeer.peer.core.swarm both import
+    )  # hivemind and vitpeer.peer.core.swarm.dht both import
     checks = [*check_python(), *check_torch(), *hivemind_checks]
     # asked in a thread while the p2p checks run; started only now, so that no two threads import at the same time
     coordinator_checks = (

@@ -18,7 +18,7 @@ from sklearn.metrics import classification_report
 from vitpeer.peer.core.config import RunConfig
 from vitpeer.peer.core.data import VisionDataModule, num_classes
 from vitpeer.peer.core.model import build_model, image_config
-from vitpeer.peer.core.parallel import device_type
+from vitpeer.peer.core.model.parallel import device_type
 
 
 def run_config_beside(checkpoint: Path) -> Path:

@@ -21,10 +21,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities.data import extract_batch_size
 
-from vitpeer.peer.core import progress
 from vitpeer.peer.core.config import RunConfig
-from vitpeer.peer.core.history import History
-from vitpeer.peer.core.leave import AtomicCheckpointIO
+from vitpeer.peer.core.lightning import progress
+from vitpeer.peer.core.lightning.leave import AtomicCheckpointIO
+from vitpeer.peer.core.runtime.history import History
 
 
 def trainer_args(config: RunConfig) -> dict[str, Any]:

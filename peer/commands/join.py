@@ -3,7 +3,7 @@
 A peer is one process, or this host's ``parallel.devices`` local ranks (DDP or FSDP inside the host), which Lightning
 starts by running this same command again with ``LOCAL_RANK`` set. Only local rank 0 talks to the swarm: it alone
 holds a ``SwarmMembership`` (the DHT node, this peer's records in it, its metrics endpoint) and writes the run's
-files; the other ranks follow it (``core.local_ranks``). What ``join`` shares with ``train`` (the Trainer's
+files; the other ranks follow it (``core.lightning.local_ranks``). What ``join`` shares with ``train`` (the Trainer's
 arguments, the callbacks every run records with, ``all_results.json``) is in ``commands.fit``.
 """
 
@@ -25,16 +25,16 @@ from vitpeer.monitor.exporter import PeerExporter
 from vitpeer.peer.commands.fit import RunStats, run_callbacks, trainer_args, write_results
 from vitpeer.peer.core.config import RunConfig
 from vitpeer.peer.core.data import VisionDataModule, num_classes
-from vitpeer.peer.core.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
-from vitpeer.peer.core.http import MetricsServer
-from vitpeer.peer.core.leave import LeaveOnSignal
-from vitpeer.peer.core.local_ranks import HivemindDDPStrategy, HivemindFSDPStrategy
+from vitpeer.peer.core.lightning.leave import LeaveOnSignal
+from vitpeer.peer.core.lightning.local_ranks import HivemindDDPStrategy, HivemindFSDPStrategy
+from vitpeer.peer.core.lightning.strategy import HivemindStrategy, SwarmSteps
 from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
-from vitpeer.peer.core.parallel import device_type, sharder
-from vitpeer.peer.core.records import RunFingerprint
-from vitpeer.peer.core.reporter import SwarmReporter
-from vitpeer.peer.core.strategy import HivemindStrategy, SwarmSteps
-from vitpeer.peer.core.swarm import data_order_seed, join_hint, reachable_maddrs, start_dht
+from vitpeer.peer.core.model.parallel import device_type, sharder
+from vitpeer.peer.core.runtime.http import MetricsServer
+from vitpeer.peer.core.swarm.dht import data_order_seed, join_hint, reachable_maddrs, start_dht
+from vitpeer.peer.core.swarm.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
+from vitpeer.peer.core.swarm.records import RunFingerprint
+from vitpeer.peer.core.swarm.reporter import SwarmReporter
 
 log = logging.getLogger(__name__)
 

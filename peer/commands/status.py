@@ -1,6 +1,7 @@
 """``vitpeer status URL``: a coordinator's ``/status`` as a table in the terminal, the numbers its live page shows.
 
-It imports neither torch nor hivemind (only the HTTP client of ``core.http``), so it answers in well under a second.
+It imports neither torch nor hivemind (only the HTTP client of ``core.runtime.http``), so it answers in well under a
+second.
 Every string a peer reports (peer id, hardware, version) is untrusted: characters that are not printable (terminal
 escape sequences among them) are shown as ``?`` and long values are cut.
 """
@@ -12,7 +13,7 @@ from typing import Any
 
 import click
 
-from vitpeer.peer.core.http import coordinator_get
+from vitpeer.peer.core.runtime.http import coordinator_get
 
 HARDWARE_WIDTH = 40
 """Characters of a peer's hardware string shown (a record may carry 256)."""

@@ -7,7 +7,7 @@ The command is started once per node and Lightning finds its place in the cluste
   node's N processes itself;
 - ``srun`` under Slurm (``--ntasks-per-node N``): Slurm's variables.
 
-One run, top to bottom: model and data -> ``pl.Trainer`` with the parallel strategy (``core.parallel``) -> fit ->
+One run, top to bottom: model and data -> ``pl.Trainer`` with the parallel strategy (``core.model.parallel``) -> fit ->
 validate and test -> the final weights (``model.safetensors``, written by every node's first process, so each node
 keeps its copy) and ``all_results.json`` (global rank 0) with the numbers that compare DDP and FSDP side by side:
 epoch time, samples/s, peak GPU memory allocated and reserved, accuracy. The Trainer's arguments, the callbacks every
@@ -31,7 +31,7 @@ from vitpeer.peer.commands.fit import RunStats, best_checkpoint, run_callbacks, 
 from vitpeer.peer.core.config import RunConfig
 from vitpeer.peer.core.data import VisionDataModule, num_classes
 from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
-from vitpeer.peer.core.parallel import check_precision, device_type, lightning_strategy, sharder
+from vitpeer.peer.core.model.parallel import check_precision, device_type, lightning_strategy, sharder
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@
 - ``strategy``: ``HivemindStrategy``, the Lightning strategy of one peer (``SwarmSteps``, shared with ``local_ranks``);
 - ``local_ranks``: one peer made of a host's N local ranks (DDP, FSDP): rank 0 talks to the swarm, the others follow;
 - ``diloco``: the ``diloco`` algorithm's outer loop (background rounds of pseudo-gradients, outer optimizer);
-- ``hivemind_adapters``: every use of hivemind 1.1.12's private names (``SwarmOptimizer``, its averagers), pinned;
+- ``hivemind_averagers``: every use of hivemind 1.1.12's private names (``SwarmOptimizer``, its averagers), pinned;
 - ``quantization``: vitpeer's 8-bit codec for averaged tensors;
 - ``events``: ``SwarmEvents``, what the swarm optimizer reports to metrics sinks as it happens;
 - ``swarm``: starting the DHT node, its addresses, the data-order seed;

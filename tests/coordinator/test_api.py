@@ -24,9 +24,10 @@ from vitpeer.coordinator.config import CoordinatorConfig
 from vitpeer.coordinator.run import Coordinator
 from vitpeer.monitor.swarm import SwarmCollector
 from vitpeer.peer.core.config import ConfigError, RunConfig, SwarmConfig, TrainerConfig, load_config, validated
-from vitpeer.peer.core.http import coordinator_get
-from vitpeer.peer.core.options import join_config
-from vitpeer.peer.core.records import (
+from vitpeer.peer.core.config.options import join_config
+from vitpeer.peer.core.runtime.http import coordinator_get
+from vitpeer.peer.core.swarm.dht import default_route_ip
+from vitpeer.peer.core.swarm.records import (
     REPORT_TTL,
     PeerReport,
     aggregate,
@@ -35,7 +36,6 @@ from vitpeer.peer.core.records import (
     rejected_records,
     signer_id,
 )
-from vitpeer.peer.core.swarm import default_route_ip
 
 ID_A = "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"  # well-formed peer ids (initial_peers are validated)
 PEER_A = f"/ip4/1.2.3.4/tcp/31337/p2p/{ID_A}"

@@ -26,10 +26,10 @@ from processes import Coordinator, free_port, listed, peer, peer_id, wait_for
 
 from vitpeer.coordinator.checkpoints import CheckpointStore
 from vitpeer.coordinator.state import DiLoCoState, open_swarm_state
+from vitpeer.peer.core.algorithms.diloco import DiLoCo
 from vitpeer.peer.core.config import ConfigError, RunConfig, load_config
-from vitpeer.peer.core.diloco import DiLoCo
 from vitpeer.peer.core.model import ImageClassifier, build_model
-from vitpeer.peer.core.processes import stop_all
+from vitpeer.peer.core.runtime.processes import stop_all
 
 pytestmark = pytest.mark.slow
 

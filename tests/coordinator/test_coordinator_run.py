@@ -29,8 +29,8 @@ from vitpeer.coordinator.checkpoints import CHUNK_DELAY_ENV
 from vitpeer.peer.core.config import load_config
 from vitpeer.peer.core.data import VisionDataModule
 from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
-from vitpeer.peer.core.processes import stop_all
-from vitpeer.peer.core.records import metrics_key, record_validators
+from vitpeer.peer.core.runtime.processes import stop_all
+from vitpeer.peer.core.swarm.records import metrics_key, record_validators
 
 pytestmark = pytest.mark.slow
 

@@ -26,8 +26,8 @@ from hivemind.utils import get_dht_time
 from keys import Keyring
 from processes import RUN_ID, Coordinator, fetch, free_port, listed, peer, peer_id, wait_for
 
-from vitpeer.peer.core.processes import stop_all
-from vitpeer.peer.core.records import REPORT_TTL, PeerReport, metrics_key
+from vitpeer.peer.core.runtime.processes import stop_all
+from vitpeer.peer.core.swarm.records import REPORT_TTL, PeerReport, metrics_key
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from processes import METRICS_AT, free_port, printed, spawn, wait_for
 
-from vitpeer.peer.core.processes import stop_all
+from vitpeer.peer.core.runtime.processes import stop_all
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's console scripts: vitpeer, hadolint

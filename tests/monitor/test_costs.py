@@ -26,11 +26,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vitpeer.monitor.exporter import PeerExporter
 from vitpeer.monitor.swarm import SwarmCollector
-from vitpeer.peer.core.diloco import DiLoCoOptimizer, RoundResult
-from vitpeer.peer.core.events import SwarmEvents, SwarmTotals, allreduce_bytes_sent
-from vitpeer.peer.core.hivemind_adapters import SwarmOptimizer
-from vitpeer.peer.core.quantization import BLOCK, Blockwise8BitCompression
-from vitpeer.peer.core.records import (
+from vitpeer.peer.core.algorithms.diloco import DiLoCoOptimizer, RoundResult
+from vitpeer.peer.core.averaging.events import SwarmEvents, SwarmTotals, allreduce_bytes_sent
+from vitpeer.peer.core.averaging.hivemind_optimizer import SwarmOptimizer
+from vitpeer.peer.core.averaging.quantization import BLOCK, Blockwise8BitCompression
+from vitpeer.peer.core.swarm.records import (
     REPORT_TTL,
     PeerReport,
     aggregate,
@@ -39,7 +39,7 @@ from vitpeer.peer.core.records import (
     record_validators,
     rejected_records,
 )
-from vitpeer.peer.core.reporter import SwarmReporter
+from vitpeer.peer.core.swarm.reporter import SwarmReporter
 
 RUN_ID = "costs-test"
 

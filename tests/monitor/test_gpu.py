@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from processes import METRICS_AT, fetch, printed, spawn, wait_for
 
-from vitpeer.peer.core.processes import stop_all
+from vitpeer.peer.core.runtime.processes import stop_all
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -24,7 +24,7 @@ from test_dashboard import METRICS as DASHBOARD_METRICS
 from vitpeer.peer.core.config import load_config
 from vitpeer.peer.core.data import num_classes
 from vitpeer.peer.core.model import build_model
-from vitpeer.peer.core.processes import stop_all
+from vitpeer.peer.core.runtime.processes import stop_all
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from vitpeer.peer.core.http import MAX_TARGET_BYTES, HttpServer, MetricsServer, Route
+from vitpeer.peer.core.runtime.http import MAX_TARGET_BYTES, HttpServer, MetricsServer, Route
 
 TIMEOUT = 1.0  # the servers' per-connection timeout here; the default is 10 s
 MARGIN = 1.5  # seconds on top of TIMEOUT that a 2-core CI machine may take to close a connection

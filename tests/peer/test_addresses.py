@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from vitpeer.peer.core.config import SwarmConfig
-from vitpeer.peer.core.swarm import join_hint, reachable_maddrs, start_dht
+from vitpeer.peer.core.swarm.dht import join_hint, reachable_maddrs, start_dht
 
 SETUP = (
     "ip link set lo up && ip link add v0 type veth peer name v1 && ip addr add 10.77.0.2/24 dev v0 && "
@@ -18,7 +18,7 @@ SETUP = (
 PROBE = """
 import json
 from vitpeer.peer.core.config import SwarmConfig
-from vitpeer.peer.core.swarm import reachable_maddrs, start_dht
+from vitpeer.peer.core.swarm.dht import reachable_maddrs, start_dht
 swarm = SwarmConfig()
 dht = start_dht(swarm)
 print(json.dumps(reachable_maddrs(dht, swarm)))

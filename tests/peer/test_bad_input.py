@@ -27,9 +27,8 @@ from click.testing import CliRunner
 from processes import free_port
 
 from vitpeer.peer.cli import main
-from vitpeer.peer.core import preflight
-from vitpeer.peer.core.config import ConfigError, load_config
-from vitpeer.peer.core.processes import stop_all
+from vitpeer.peer.core.config import ConfigError, load_config, preflight
+from vitpeer.peer.core.runtime.processes import stop_all
 
 VITPEER = Path(sys.executable).with_name("vitpeer")  # the virtual env's console script
 README = Path(__file__).resolve().parents[2] / "README.md"

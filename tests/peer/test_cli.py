@@ -20,7 +20,7 @@ from vitpeer.coordinator.config import CoordinatorConfig
 from vitpeer.peer.cli import main
 from vitpeer.peer.commands.cli import join, train
 from vitpeer.peer.core.config import RunConfig
-from vitpeer.peer.core.options import JOIN_FLAGS, TRAIN_FLAGS, build_config, config_field
+from vitpeer.peer.core.config.options import JOIN_FLAGS, TRAIN_FLAGS, build_config, config_field
 
 PEER_ID = "12D3KooWMDNVJKmcbMXyCtbGCidASwAV1xnjExXHgsbYsDdHkANH"  # a valid peer id nobody runs
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from processes import spawn
 
-from vitpeer.peer.core.processes import stop_all
+from vitpeer.peer.core.runtime.processes import stop_all
 
 pytestmark = pytest.mark.slow
 

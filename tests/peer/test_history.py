@@ -1,8 +1,9 @@
 """Training history: a real (tiny) Lightning run writes steps.csv, epochs.csv and history.json; ``vitpeer plot``
 draws them, and refuses a directory that is not a run.
 
-The model is a linear classifier on random vectors, logging what ``core.model.ImageClassifier`` logs. A second
-callback after ``History`` logs ``swarm/peers`` in ``on_train_batch_end`` as ``core.strategy._SwarmProgress``
+The model is a linear classifier on random vectors, logging what ``core.model.classifier.ImageClassifier`` logs. A
+second
+callback after ``History`` logs ``swarm/peers`` in ``on_train_batch_end`` as ``core.lightning.strategy._SwarmProgress``
 does in a swarm: the step records must hold that batch's value, not the one before.
 """
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from vitpeer.peer.core.history import History, load_history
+from vitpeer.peer.core.runtime.history import History, load_history
 
 CLASSES, FEATURES, BATCH = 3, 8, 8
 PLOT = ["-m", "vitpeer.peer.cli", "plot"]

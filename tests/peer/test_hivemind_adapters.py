@@ -1,4 +1,4 @@
-"""The hivemind adapters (``core.hivemind_adapters``): pinned to the hivemind they were written for.
+"""The hivemind adapters (``core.averaging.hivemind_averagers``): pinned to the hivemind they were written for.
 
 These tests reach hivemind's private names on purpose: they check the adapters against hivemind itself.
 """
@@ -15,14 +15,15 @@ import pytest
 import torch
 from hivemind.optim import grad_averager, state_averager
 
-from vitpeer.peer.core.hivemind_adapters import WRITTEN_FOR, GradientAverager, SwarmOptimizer, TrainingStateAverager
+from vitpeer.peer.core.averaging.hivemind_averagers import WRITTEN_FOR, GradientAverager, TrainingStateAverager
+from vitpeer.peer.core.averaging.hivemind_optimizer import SwarmOptimizer
 
 
 def test_hivemind_is_the_version_the_adapters_were_written_for():
     """Every adapter overrides or reads a private name of hivemind, which any release may change without notice."""
     assert hivemind.__version__ == WRITTEN_FOR, (
         f"hivemind {hivemind.__version__} is installed, but vitpeer's adapters were written for hivemind "
-        f"{WRITTEN_FOR}. Before upgrading, re-read every adapter in peer/core/hivemind_adapters.py against the new "
+        f"{WRITTEN_FOR}. Before upgrading, re-read every adapter in peer/core/averaging/hivemind_*.py against the new "
         "hivemind's source (each private method it overrides or calls, each private attribute it reads, the module "
         "global it lends), run the swarm tests, then set WRITTEN_FOR to the new version"
     )
@@ -67,17 +68,18 @@ def test_hivemind_s_private_names_are_used_in_the_adapters_only():
     """An upgrade reads one file: a private name used elsewhere would be missed (tests of the adapters excepted)."""
     root = Path(__file__).resolve().parents[2]
     private = re.compile(r"(?<![\w])(" + "|".join(ADAPTED) + r")(?![\w])|optimizer\.TrainingStateAverager\s*=[^=]")
-    adapters = root / "peer" / "core" / "hivemind_adapters.py"
+    adapters = set((root / "peer" / "core" / "averaging").glob("hivemind_*.py"))
+    assert len(adapters) == 2, adapters
     found = []
     for folder in ("peer", "coordinator", "monitor", "benchmarks"):
         for path in sorted((root / folder).rglob("*.py")):
-            if path == adapters:
+            if path in adapters:
                 continue
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 if private.search(line):
                     found.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
-    assert not found, "private hivemind names outside peer/core/hivemind_adapters.py (move them there):\n" + "\n".join(
-        found
+    assert not found, (
+        "private hivemind names outside peer/core/averaging/hivemind_*.py (move them there):\n" + "\n".join(found)
     )
 
 

@@ -27,7 +27,7 @@ from hostile import ROUND_MARK
 from processes import CONFIG, Coordinator, free_port, spawn, wait_for
 
 from vitpeer.peer.core.config import resolve_config_path
-from vitpeer.peer.core.processes import stop_all
+from vitpeer.peer.core.runtime.processes import stop_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first test waits for the whole scenario
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from processes import spawn, wait_for
 
-from vitpeer.peer.core.leave import LAST_WORDS
-from vitpeer.peer.core.processes import descendants, stop_all
+from vitpeer.peer.core.lightning.leave import LAST_WORDS
+from vitpeer.peer.core.runtime.processes import descendants, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def _text(output_dir: Path) -> str:
 HANGING_GOODBYE = """
 import logging, os, signal, sys, time
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-from vitpeer.peer.core import leave
+from vitpeer.peer.core.lightning import leave
 leave.DEADLINE = 1.0
 watcher = leave.LeaveOnSignal()
 watcher.install()

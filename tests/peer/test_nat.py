@@ -27,7 +27,7 @@ import netns
 import pytest
 from processes import spawn, wait_for
 
-from vitpeer.peer.core.processes import stop_all
+from vitpeer.peer.core.runtime.processes import stop_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(netns.unavailable()), reason=str(netns.unavailable()))]
 

@@ -1,5 +1,6 @@
 """What averaged tensors travel as: vitpeer's own 8-bit codec, and the error of a real 2-peer average in fp16 and
-8-bit against the exact mean (``core.quantization``, ``core.hivemind_adapters.use_our_8bit_codec``)."""
+8-bit against the exact mean (``core.averaging.quantization``,
+``core.averaging.hivemind_averagers.use_our_8bit_codec``)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 from hivemind.compression import CompressionInfo, Float16Compression, Uniform8BitQuantization
 from hivemind.proto import runtime_pb2
 
-from vitpeer.peer.core.hivemind_adapters import use_our_8bit_codec
-from vitpeer.peer.core.quantization import BLOCK, Blockwise8BitCompression, dequantize, quantize
+from vitpeer.peer.core.averaging.hivemind_averagers import use_our_8bit_codec
+from vitpeer.peer.core.averaging.quantization import BLOCK, Blockwise8BitCompression, dequantize, quantize
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -12,7 +12,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import crypto_pb2
 
-from vitpeer.peer.core.records import (
+from vitpeer.peer.core.swarm.records import (
     MAX_CLOCK_AHEAD,
     MAX_LOSS,
     MAX_SAMPLES_PER_SECOND,

@@ -20,12 +20,12 @@ from hivemind.compression import NoCompression
 from processes import wait_for
 
 from vitpeer.coordinator.state import DiLoCoState, open_swarm_state
+from vitpeer.peer.core.algorithms.diloco import DiLoCo, DiLoCoOptimizer, OuterAverager
+from vitpeer.peer.core.averaging.events import SwarmEvents
+from vitpeer.peer.core.averaging.hivemind_optimizer import SwarmOptimizer
+from vitpeer.peer.core.averaging.remote_state import StateRefused, optimizer_expectation
 from vitpeer.peer.core.config import load_config
-from vitpeer.peer.core.diloco import DiLoCo, DiLoCoOptimizer, OuterAverager
-from vitpeer.peer.core.events import SwarmEvents
-from vitpeer.peer.core.hivemind_adapters import SwarmOptimizer
 from vitpeer.peer.core.model import ImageClassifier, build_model
-from vitpeer.peer.core.remote_state import StateRefused, optimizer_expectation
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 LIAR_PRIORITY = 1e9

@@ -14,7 +14,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from keys import Keyring
 
-from vitpeer.peer.core.records import (
+from vitpeer.peer.core.swarm.records import (
     MAX_LOSS,
     MAX_SAMPLES_PER_SECOND,
     REPORT_TTL,
@@ -25,7 +25,7 @@ from vitpeer.peer.core.records import (
     rejected_records,
     signer_id,
 )
-from vitpeer.peer.core.reporter import SwarmReporter
+from vitpeer.peer.core.swarm.reporter import SwarmReporter
 
 RUN_ID = "report-test"
 

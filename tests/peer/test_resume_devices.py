@@ -14,13 +14,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from vitpeer.peer.core.algorithms.diloco import DiLoCoOptimizer
 from vitpeer.peer.core.config import ConfigError, load_config
+from vitpeer.peer.core.config.preflight import check_resume_algorithm
 from vitpeer.peer.core.data import VisionDataModule, num_classes
-from vitpeer.peer.core.diloco import DiLoCoOptimizer
+from vitpeer.peer.core.lightning.strategy import HivemindStrategy
 from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
-from vitpeer.peer.core.preflight import check_resume_algorithm
-from vitpeer.peer.core.strategy import HivemindStrategy
-from vitpeer.peer.core.swarm import start_dht
+from vitpeer.peer.core.swarm.dht import start_dht
 
 pytestmark = pytest.mark.timeout(240)
 

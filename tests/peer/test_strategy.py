@@ -10,10 +10,10 @@ import torch
 
 from vitpeer.peer.core.config import load_config
 from vitpeer.peer.core.data import VisionDataModule, num_classes
+from vitpeer.peer.core.lightning.progress import ProgressBar
+from vitpeer.peer.core.lightning.strategy import HivemindStrategy
 from vitpeer.peer.core.model import ImageClassifier, Schedule, build_model, image_config
-from vitpeer.peer.core.progress import ProgressBar
-from vitpeer.peer.core.strategy import HivemindStrategy
-from vitpeer.peer.core.swarm import start_dht
+from vitpeer.peer.core.swarm.dht import start_dht
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -116,7 +116,7 @@ def test_overlap_trains_a_lone_peer_and_warns_that_it_is_experimental(config, tm
     config.swarm.overlap = True
     dht = start_dht(config.swarm)
     try:
-        with caplog.at_level("WARNING", logger="vitpeer.peer.core.strategy"):
+        with caplog.at_level("WARNING", logger="vitpeer.peer.core.lightning.strategy"):
             trainer, strategy = fit(config, dht, 2, tmp_path)
         assert strategy.optimizer.local_epoch == 2 and trainer.global_step == 2
         assert any("swarm.overlap is experimental" in record.getMessage() for record in caplog.records)

@@ -24,8 +24,8 @@ from torch.distributed.tensor import DTensor
 from vitpeer.peer.core.config import load_config
 from vitpeer.peer.core.data import VisionDataModule
 from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
-from vitpeer.peer.core.parallel import shard_model
-from vitpeer.peer.core.processes import stop_all
+from vitpeer.peer.core.model.parallel import shard_model
+from vitpeer.peer.core.runtime.processes import stop_all
 
 STEPS = 40  # digits_tiny: about 2 epochs of its training split at 2 x 32 samples per step
 RESULT_KEYS = {"train_runtime", "train_samples", "train_samples_per_second", "epoch_time_seconds"}

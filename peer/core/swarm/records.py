@@ -1,8 +1,9 @@
 """The records vitpeer keeps in the DHT, their schemas, and the validators that protect them.
 
-Every swarm step a peer stores one ``PeerReport`` under the key ``<run_id>_metrics`` (``core.reporter`` publishes it),
-and every peer keeps its ``RunFingerprint`` under ``<run_id>_fingerprint`` (``core.fingerprint``), each with its RSA
-public key as the subkey. Two validators run on every DHT node that stores or fetches a record:
+Every swarm step a peer stores one ``PeerReport`` under the key ``<run_id>_metrics`` (``core.swarm.reporter``
+publishes it),
+and every peer keeps its ``RunFingerprint`` under ``<run_id>_fingerprint`` (``core.swarm.fingerprint``), each with its
+RSA public key as the subkey. Two validators run on every DHT node that stores or fetches a record:
 
 - ``SignatureGuard`` (hivemind's RSA signature validator): a record whose subkey names a public key must be signed
   by that key's owner, so no peer can overwrite another's record;
@@ -43,11 +44,11 @@ from hivemind.proto import crypto_pb2
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from pydantic.v1 import BaseModel, ValidationError, confloat, conint, constr, root_validator
 
-from vitpeer.peer.core.hivemind_adapters import dht_node_validators
+from vitpeer.peer.core.averaging.hivemind_averagers import dht_node_validators
 
 log = logging.getLogger(__name__)
 
-# No Lightning and no timm here (hivemind brings torch): ``vitpeer doctor`` loads this through ``core.swarm``.
+# No Lightning and no timm here (hivemind brings torch): ``vitpeer doctor`` loads this through ``core.swarm.dht``.
 
 REPORT_TTL = 60.0
 """Seconds a record stays in the DHT: a peer that stops reporting drops out of the coordinator's alive list."""
@@ -105,7 +106,8 @@ class PeerReport(BaseModel):
     version: constr(strict=True, max_length=64)  # vitpeer version
     hardware: constr(strict=True, max_length=256)  # e.g. "cuda: NVIDIA H100 80GB HBM3 x1" or "cpu: 16 cores"
     time: confloat(ge=0, strict=True, allow_inf_nan=False)  # DHT time of the record (checked: ``out_of_bounds``)
-    # What the swarm cost this peer since it started (``core.events.SwarmTotals``, ``SwarmReporter.swarm_costs``).
+    # What the swarm cost this peer since it started (``core.averaging.events.SwarmTotals``,
+    # ``SwarmReporter.swarm_costs``).
     # The defaults only spare callers that leave them out; they buy no compatibility: hivemind's schema check refuses
     # a record that does not parse into exactly itself, so nodes of this version refuse records without these
     # fields (from older peers), and older nodes refuse records with them.
@@ -188,7 +190,7 @@ class RunFingerprint(BaseModel):
     classes: conint(strict=True, gt=0)
     wire_format: conint(strict=True, ge=0)
     hyperparameters: constr(strict=True, max_length=2000) = "{}"
-    """The run-level settings every peer must share (``core.fingerprint.RUN_SETTINGS``), as sorted JSON."""
+    """The run-level settings every peer must share (``core.swarm.fingerprint.RUN_SETTINGS``), as sorted JSON."""
 
     def describe(self) -> str:
         return (

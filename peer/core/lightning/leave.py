@@ -10,7 +10,7 @@ exits at once, with 128 + the signal's number, as a shell reports a killed comma
 
 Lightning installs its own SIGTERM handler while it fits, which ends a run with an exception and exit code 1;
 ``LeaveOnSignal`` takes SIGTERM back at the start of training. Every local rank of a multi-device peer gets the
-leader's decision with its step broadcast (``core.local_ranks``), so all ranks stop at the same step.
+leader's decision with its step broadcast (``core.lightning.local_ranks``), so all ranks stop at the same step.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ value's error is at most half a step, ``scale / 254`` of its own block, and zero
 holds 1 byte per value plus 4 bytes per block (``BLOCK = 1024``: 8.03 bits per value, a 3.98x saving over fp32).
 
 ``Blockwise8BitCompression`` speaks hivemind's compression interface. It travels under the wire name
-``UNIFORM_8BIT`` (the protocol has a fixed list of names): ``hivemind_adapters`` registers it as that name's decoder,
+``UNIFORM_8BIT`` (the protocol has a fixed list of names): ``hivemind_averagers`` registers it as that name's decoder,
 so every vitpeer peer encodes and decodes 8-bit tensors this way; the run's fingerprint includes the wire format, so
 a peer that would decode differently is refused before it averages.
 """

@@ -25,7 +25,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from vitpeer.peer.core.config import ParallelConfig
-from vitpeer.peer.core.preflight import check_precision as check_precision  # the one precision check, re-exported
+from vitpeer.peer.core.config.preflight import (
+    check_precision as check_precision,
+)  # the one precision check, re-exported
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import hivemind
 from hivemind.utils.multiaddr import Multiaddr
 
 from vitpeer.peer.core.config import SwarmConfig
-from vitpeer.peer.core.processes import children_die_with_us
-from vitpeer.peer.core.records import record_validators
+from vitpeer.peer.core.runtime.processes import children_die_with_us
+from vitpeer.peer.core.swarm.records import record_validators
 
 
 def listen_maddrs(swarm: SwarmConfig) -> list[str]:

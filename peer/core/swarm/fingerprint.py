@@ -25,13 +25,13 @@ from hivemind.utils import get_dht_time
 
 from vitpeer.peer.core.config import ConfigError, RunConfig
 from vitpeer.peer.core.model import image_config
-from vitpeer.peer.core.records import RunFingerprint
+from vitpeer.peer.core.swarm.records import RunFingerprint
 
 log = logging.getLogger(__name__)
 
 WIRE_FORMAT = 2
 """Bump when what peers exchange changes shape or meaning (tensor order, extra tensors, state layout, codecs).
-2: 8-bit tensors are vitpeer's blockwise codec (``core.quantization``)."""
+2: 8-bit tensors are vitpeer's blockwise codec (``core.averaging.quantization``)."""
 
 RUN_SETTINGS = (
     "swarm.algorithm",

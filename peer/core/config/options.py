@@ -279,7 +279,7 @@ def join_config(
     not answer); initial peers from the coordinator unless --initial-peers is given."""
     if coordinator is None:
         return build_config(config_file, options, JOIN_FLAGS)
-    from vitpeer.peer.core.http import coordinator_get  # imports prometheus_client: only with a coordinator
+    from vitpeer.peer.core.runtime.http import coordinator_get  # imports prometheus_client: only with a coordinator
 
     try:
         shared = coordinator_get(coordinator, "/config", wait=wait)

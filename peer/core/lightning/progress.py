@@ -40,7 +40,7 @@ class ProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         shown = {key: value for key, value in super().get_metrics(trainer, pl_module).items() if key != "v_num"}
-        from vitpeer.peer.core.strategy import (
+        from vitpeer.peer.core.lightning.strategy import (
             SwarmSteps,  # the strategy module imports hivemind: only when a bar is drawn
         )
 

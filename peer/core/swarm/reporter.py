@@ -1,13 +1,14 @@
-"""``SwarmReporter``: the Lightning callback that publishes this peer's ``core.records.PeerReport`` to the DHT.
+"""``SwarmReporter``: the Lightning callback that publishes this peer's ``core.swarm.records.PeerReport`` to the DHT.
 
 Besides samples and loss, a report says what the swarm cost the peer (``swarm_costs``): its algorithm, its rounds,
-the bytes it sent in them (an estimate, ``core.events.allreduce_bytes_sent``), how long they took, and the training
+the bytes it sent in them (an estimate, ``core.averaging.events.allreduce_bytes_sent``), how long they took, and the
+training
 thread's time computing against its time blocked on the swarm. Compute is measured here, per local step: the step's
 wall time (forward, backward, the optimizer step) minus the time it was blocked on the swarm inside it; data loading
 and validation count as neither.
 
-A report stays within ``core.records``' per-peer bounds, which every node enforces: a diverged loss is published as
-``MAX_LOSS``, and hivemind's throughput estimate (which can read up to 1e20 after a near-zero interval) is capped at
+A report stays within ``core.swarm.records``' per-peer bounds, which every node enforces: a diverged loss is published
+as ``MAX_LOSS``, and hivemind's throughput estimate (which can read up to 1e20 after a near-zero interval) is capped at
 ``MAX_SAMPLES_PER_SECOND``.
 """
 
@@ -26,8 +27,8 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from pytorch_lightning.utilities.data import extract_batch_size
 
-from vitpeer.peer.core.events import SwarmEvents, SwarmTotals
-from vitpeer.peer.core.records import (
+from vitpeer.peer.core.averaging.events import SwarmEvents, SwarmTotals
+from vitpeer.peer.core.swarm.records import (
     MAX_LOSS,
     MAX_SAMPLES_PER_SECOND,
     REPORT_TTL,
@@ -100,7 +101,8 @@ class SwarmReporter(pl.Callback):
         self.window_loss, self.window_samples = 0.0, 0
 
     def swarm_costs(self) -> dict[str, Any]:
-        """The ``PeerReport`` fields that say what the swarm cost this peer so far (see ``core.events.SwarmTotals``)."""
+        """The ``PeerReport`` fields that say what the swarm cost this peer so far (see
+        ``core.averaging.events.SwarmTotals``)."""
         totals: SwarmTotals = self.events.snapshot()
         return {
             "algorithm": self.algorithm,

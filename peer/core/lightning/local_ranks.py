@@ -2,7 +2,7 @@
 
 ``Trainer(devices=N)`` with ``HivemindDDPStrategy`` (DDP inside the host) or ``HivemindFSDPStrategy`` (FSDP2: each
 rank holds 1/N of the parameters) trains N devices as *one* peer of the swarm. Local rank 0, the *leader*, holds the
-``SwarmOptimizer`` and talks to the swarm (``core.strategy.SwarmSteps``, as on one device); ranks 1..N-1, the
+``SwarmOptimizer`` and talks to the swarm (``core.lightning.strategy.SwarmSteps``, as on one device); ranks 1..N-1, the
 *followers*, never touch the DHT. Why every rank ends each step with the leader's parameters (``LocalRanks``):
 
 1. The closure runs on every rank; DDP's backward all-reduces the gradients, so every rank's ``.grad`` is the
@@ -31,9 +31,9 @@ import torch
 from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 from torch.distributed.tensor import distribute_tensor
 
+from vitpeer.peer.core.averaging.events import SwarmEvents
 from vitpeer.peer.core.config import SwarmConfig
-from vitpeer.peer.core.events import SwarmEvents
-from vitpeer.peer.core.strategy import SwarmSteps
+from vitpeer.peer.core.lightning.strategy import SwarmSteps
 
 
 class _FollowerOptimizer(torch.optim.Optimizer):

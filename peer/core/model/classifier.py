@@ -103,7 +103,9 @@ class ImageClassifier(pl.LightningModule):
         self.net = net
         self.optim = optim
         self.max_steps = max_steps
-        self.shard = shard  # FSDP: how to shard ``net`` over the data-parallel ranks (``core.parallel.shard_model``)
+        self.shard = (
+            shard  # FSDP: how to shard ``net`` over the data-parallel ranks (``core.model.parallel.shard_model``)
+        )
         # micro: correct / seen, the top-1 accuracy people quote (torchmetrics' default, macro, averages per class)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

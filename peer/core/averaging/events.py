@@ -1,10 +1,11 @@
 """SwarmEvents: what a peer's swarm optimizer reports as it happens, for metrics sinks, and the totals it keeps.
 
-``core.hivemind_adapters.SwarmOptimizer`` (``gradient``) and ``core.diloco.DiLoCoOptimizer`` (``diloco``) call these
+``core.averaging.hivemind_optimizer.SwarmOptimizer`` (``gradient``) and ``core.algorithms.diloco.DiLoCoOptimizer``
+(``diloco``) call these
 hooks (averaging rounds with the bytes they sent, time the training thread spent blocked on the swarm, state
 downloads, batches kept out of the swarm); ``monitor.exporter.PeerExporter`` counts them for Prometheus. Pass a sink
 to the strategy (``HivemindStrategy(..., events=sink)``); without one the strategy uses this base class, which keeps
-only ``SwarmTotals``: the running totals ``core.reporter`` publishes in the peer's DHT record whether or not a
+only ``SwarmTotals``: the running totals ``core.swarm.reporter`` publishes in the peer's DHT record whether or not a
 Prometheus endpoint runs. A sink that overrides a hook calls ``super()`` so the totals stay right.
 Calls may come from hivemind's background threads: a sink must be thread-safe and return quickly.
 """
@@ -28,7 +29,7 @@ def allreduce_bytes_sent(wire_bytes: float, group_size: int) -> int:
 
 @dataclass
 class SwarmTotals:
-    """What the swarm cost this peer since it started: running totals, read by ``core.reporter``."""
+    """What the swarm cost this peer since it started: running totals, read by ``core.swarm.reporter``."""
 
     rounds: int = 0
     """Swarm steps this peer ended with a round, whatever its outcome (averaged, failed, alone)."""

@@ -4,8 +4,8 @@ the coordinator (before it writes a checkpoint).
 A state must have this run's layout (the shapes and dtypes of the tensors this peer itself would serve), hold only
 finite values, carry a swarm step no further than ``EPOCH_AHEAD`` past the newest step this peer sees (never past the
 run's ``max_steps``), and, for ``gradient`` states, the optimizer settings of this run (the learning rate anywhere
-between 0 and its initial value). ``core.hivemind_adapters`` runs the check inside hivemind's download loop, so a
-refused peer is skipped for the next one.
+between 0 and its initial value). ``core.averaging.hivemind_averagers`` runs the check inside hivemind's download loop,
+so a refused peer is skipped for the next one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hivemind.utils import nested_flatten
 
 log = logging.getLogger(__name__)
 
-# No Lightning and no timm here: ``core.hivemind_adapters`` imports this module.
+# No Lightning and no timm here: ``core.averaging.hivemind_averagers`` imports this module.
 
 
 EPOCH_AHEAD = 2
@@ -89,7 +89,7 @@ class StateRefused(ValueError):
 class StateCheck:
     """What a state downloaded from a peer must be before this peer takes any of it.
 
-    Peers of one run hold states of one layout (the fingerprint, ``core.fingerprint``, checks every peer's tensor
+    Peers of one run hold states of one layout (the fingerprint, ``core.swarm.fingerprint``, checks every peer's tensor
     names, shapes and dtypes before it joins), so the layout expected is this peer's own: what it would serve.
     One check for all three takers: a ``gradient`` peer, a ``diloco`` peer, and the coordinator (before it writes a
     checkpoint)."""

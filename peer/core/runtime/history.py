@@ -71,7 +71,7 @@ def _scalars(metrics: dict[str, Any], keep: Callable[[str], bool]) -> dict[str, 
 class History(pl.Callback):
     """Records the run's metrics into ``out/history/`` (see the module docstring for the files and their keys).
 
-    Why a step record is taken one hook late: in a swarm, ``core.strategy._SwarmProgress`` is appended to the
+    Why a step record is taken one hook late: in a swarm, ``core.lightning.strategy._SwarmProgress`` is appended to the
     trainer's callbacks when the strategy is set up, so it runs *after* this callback in every hook. Its
     ``on_train_batch_end`` is what moves ``global_step`` to the swarm step and logs ``swarm/*``, ``lr`` and
     ``epoch``. So ``on_train_batch_end`` here only notes that the batch is due (and its time); the record itself is

@@ -15,8 +15,9 @@ torch optimizer class with its defaults and parameter groups, and a ``LambdaLR``
 peers that joined at different times agree on the learning rate).
 
 Where the rest lives: the ``hivemind.Optimizer`` the strategy steps, ``SwarmOptimizer``, with everything that touches
-hivemind's private names, is in ``core.hivemind_adapters``; the events it reports, in ``core.events``; a peer made
-of several local ranks (DDP, FSDP), in ``core.local_ranks``, built on ``SwarmSteps`` below.
+hivemind's private names, is in ``core.averaging.hivemind_averagers``; the events it reports, in
+``core.averaging.events``; a peer made
+of several local ranks (DDP, FSDP), in ``core.lightning.local_ranks``, built on ``SwarmSteps`` below.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities.data import extract_batch_size
 from torch.optim.lr_scheduler import LambdaLR
 
+from vitpeer.peer.core.algorithms.diloco import DiLoCo, DiLoCoOptimizer
+from vitpeer.peer.core.averaging.events import SwarmEvents
+from vitpeer.peer.core.averaging.hivemind_averagers import use_our_8bit_codec
+from vitpeer.peer.core.averaging.hivemind_optimizer import SwarmOptimizer
+from vitpeer.peer.core.averaging.quantization import Blockwise8BitCompression
 from vitpeer.peer.core.config import SwarmConfig
-from vitpeer.peer.core.diloco import DiLoCo, DiLoCoOptimizer
-from vitpeer.peer.core.events import SwarmEvents
-from vitpeer.peer.core.hivemind_adapters import SwarmOptimizer, use_our_8bit_codec
-from vitpeer.peer.core.parallel import check_precision
-from vitpeer.peer.core.quantization import Blockwise8BitCompression
+from vitpeer.peer.core.model.parallel import check_precision
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +77,13 @@ def last_step(trainer: pl.Trainer) -> int | None:
 
 class SwarmSteps:
     """The swarm logic of every vitpeer strategy: ``HivemindStrategy`` below (one device) and, through
-    ``core.local_ranks.LocalRanks``, ``HivemindDDPStrategy`` and ``HivemindFSDPStrategy`` (N local ranks, one peer).
+    ``core.lightning.local_ranks.LocalRanks``, ``HivemindDDPStrategy`` and ``HivemindFSDPStrategy`` (N local ranks,
+    one peer).
 
     Local rank 0, the *leader*, holds the ``SwarmOptimizer`` and talks to the swarm; on one device it is the only
     rank. After every local step every rank takes the leader's swarm epoch (``_follow_leader``), which
     ``_SwarmProgress`` turns into Lightning's step counter, and stops when the leader leaves (``leave``). How
-    following ranks end each step with the leader's parameters is explained in ``core.local_ranks``.
+    following ranks end each step with the leader's parameters is explained in ``core.lightning.local_ranks``.
     """
 
     def _init_swarm(self, swarm: SwarmConfig, dht: hivemind.DHT | None, events: SwarmEvents | None) -> None:
@@ -88,7 +91,8 @@ class SwarmSteps:
         self._batch_size: int | None = None
         self._followed_epoch = -1
         self.leave = threading.Event()
-        """Set (by ``core.leave.LeaveOnSignal``) to stop after the current local step; the leader's decides."""
+        """Set (by ``core.lightning.leave.LeaveOnSignal``) to stop after the current local step; the leader's
+        decides."""
 
     @property
     def leader(self) -> bool:
@@ -232,14 +236,14 @@ class SwarmSteps:
         return found if isinstance(found, SwarmOptimizer | DiLoCoOptimizer) else None
 
     def stop_averaging_state(self) -> None:
-        """Leaving (``core.leave``, from a helper thread): start no more state-averaging rounds. The gradient round
-        in flight goes on, so the others, who wait for this peer's part, lose nothing."""
+        """Leaving (``core.lightning.leave``, from a helper thread): start no more state-averaging rounds. The
+        gradient round in flight goes on, so the others, who wait for this peer's part, lose nothing."""
         if (optimizer := self._swarm_optimizer) is not None:
             optimizer.stop_rounds()
 
     def say_goodbye(self) -> None:
-        """Leaving past the deadline (``core.leave``, from a helper thread): tell the swarm, without waiting for
-        the training loop."""
+        """Leaving past the deadline (``core.lightning.leave``, from a helper thread): tell the swarm, without waiting
+        for the training loop."""
         if (optimizer := self._swarm_optimizer) is not None:
             optimizer.say_goodbye()
 
@@ -250,8 +254,8 @@ class SwarmSteps:
     def _follow_leader(self, force: bool = False) -> None:
         """Every rank, after every local step: take the leader's swarm epoch, and stop when the leader leaves.
 
-        On one device this rank is the leader. ``core.local_ranks.LocalRanks`` broadcasts the leader's epoch, and its
-        parameters when they moved (or ``force``), to the following ranks."""
+        On one device this rank is the leader. ``core.lightning.local_ranks.LocalRanks`` broadcasts the leader's
+        epoch, and its parameters when they moved (or ``force``), to the following ranks."""
         self._followed_epoch = self.optimizer.local_epoch
         if self.leave.is_set():
             self.lightning_module.trainer.should_stop = True
@@ -266,7 +270,7 @@ class SwarmSteps:
         return groups
 
     def _follower_optimizer(self) -> torch.optim.Optimizer:
-        """A following rank's optimizer (see ``core.local_ranks``); one device has no following ranks."""
+        """A following rank's optimizer (see ``core.lightning.local_ranks``); one device has no following ranks."""
         raise NotImplementedError("following local ranks need core.local_ranks.LocalRanks")
 
     def _hand_gradients(self, closure):
@@ -303,7 +307,7 @@ class SwarmSteps:
 
 
 class HivemindStrategy(SwarmSteps, SingleDeviceStrategy):
-    """One hivemind peer on one device. ``dht`` is a started ``hivemind.DHT`` (see ``core.swarm.start_dht``)."""
+    """One hivemind peer on one device. ``dht`` is a started ``hivemind.DHT`` (see ``core.swarm.dht.start_dht``)."""
 
     strategy_name = "hivemind"
 

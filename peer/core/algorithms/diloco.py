@@ -59,9 +59,9 @@ from hivemind.averaging.control import StepControl
 from hivemind.compression import CompressionBase, CompressionInfo
 from hivemind.optim.progress_tracker import ProgressTracker
 
-from vitpeer.peer.core.events import SwarmEvents, allreduce_bytes_sent
-from vitpeer.peer.core.hivemind_adapters import GroupSizedAverager, say_goodbye
-from vitpeer.peer.core.remote_state import StateCheck, download_bound
+from vitpeer.peer.core.averaging.events import SwarmEvents, allreduce_bytes_sent
+from vitpeer.peer.core.averaging.hivemind_averagers import GroupSizedAverager, say_goodbye
+from vitpeer.peer.core.averaging.remote_state import StateCheck, download_bound
 
 log = logging.getLogger(__name__)
 

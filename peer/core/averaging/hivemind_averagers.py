@@ -1,0 +1,231 @@
+"""The adapter room: every place where vitpeer reaches into hivemind 1.1.12's private names is in this file and in
+``hivemind_optimizer`` (``SwarmOptimizer``).
+
+hivemind has no public hooks for several things a volunteer swarm needs, so vitpeer overrides or calls some of its
+private methods and attributes. They are all in these two files, so that upgrading hivemind means reading them
+against the new hivemind's source. ``tests/peer/test_hivemind_adapters.py`` fails on any hivemind other than
+``WRITTEN_FOR`` until someone has done that, and fails when a private name listed there (``ADAPTED``) shows up in
+any other file. The rest of vitpeer uses only hivemind's public API.
+
+What each adapter here changes in hivemind, and the private names it touches:
+
+- ``_GroupSized``, mixed into hivemind's averager classes: it sends ``_set_group_size`` through the averager's
+  ``_outer_pipe``, and in the averager's process sets ``_matchmaking.target_group_size``.
+- ``_Aggregating``, mixed into every averager of ours: in the averager's process it lends hivemind's module global
+  ``hivemind.averaging.allreduce.TensorPartReducer`` our ``AggregatingReducer``, whose accumulator (the private
+  ``accumulator``, written by ``accumulate_part`` with ``add_`` and read with ``div_``) collects the parts of a round
+  and hands them to the run's aggregation rule (``core.averaging.aggregation``).
+- ``_LoadDeadline`` ends hivemind's endless retry loop of state downloads. It replaces the averagers' public
+  ``load_state_from_peers``, but it changes what hivemind's own loop does. Each download is armed with its own
+  deadline before hivemind's loop starts; the loop's retries keep it.
+- ``_CheckedDownload``, mixed into ``TrainingStateAverager`` and ``GroupSizedAverager``: a downloaded state is
+  checked (``StateCheck``) before anyone takes it, inside hivemind's private ``_load_state_from_peers`` (the
+  averager's process), which it wraps; the check for each download travels there through ``_outer_pipe``
+  (``_arm_state_check``). A refused state raises where hivemind catches a failed peer, so hivemind's own loop goes on
+  to the peer with the next priority.
+- ``dht_node_validators`` reads a DHT node's ``record_validator._validators`` to count refused records
+  (``core.swarm.records``).
+- ``GroupSizedAverager``: a plain ``DecentralizedAverager`` with ``_GroupSized`` and ``_CheckedDownload`` (the DiLoCo
+  rounds and state, ``core.algorithms.diloco``).
+- ``use_our_8bit_codec`` puts ``core.averaging.quantization.Blockwise8BitCompression`` into hivemind's private table of
+  decoders, ``hivemind.compression.serialization._BASE_COMPRESSION_TYPES``, under the wire name ``UNIFORM_8BIT``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+
+import hivemind
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.optim import grad_averager, state_averager
+from hivemind.utils import get_dht_time
+
+from vitpeer.peer.core.averaging.remote_state import StateCheck, StateRefused
+
+log = logging.getLogger(__name__)
+
+
+# No Lightning and no timm here: ``core.swarm.records`` (which ``vitpeer doctor`` loads) imports this module.
+
+WRITTEN_FOR = "1.1.12"
+"""The hivemind version these adapters were written against and read with (a test pins the installed one to it)."""
+
+
+class _LoadDeadline:
+    """Wraps an averager's ``load_state_from_peers`` so hivemind's retry loop ends at a deadline.
+
+    ``hivemind.Optimizer.load_state_from_peers`` retries forever while downloads fail (hivemind#453, #653). Before
+    the deadline a failure propagates (hivemind retries); after it, the failure is logged and swallowed, so hivemind's
+    loop ends and the peer goes on from its local state. Each attempt's own timeout is cut to the time left.
+
+    ``arm`` starts a new download: its deadline is ``timeout`` after its first attempt, and every retry hivemind makes
+    until the next ``arm`` shares it. A call without ``arm`` before it (a download outside ``SwarmOptimizer``) is a
+    new download of its own.
+    """
+
+    def __init__(self, load_state_from_peers, timeout: float):
+        self.load, self.timeout = load_state_from_peers, timeout
+        self.deadline: float | None = None  # None: the next attempt begins a new download
+        self.armed = False
+        self.gave_up = False  # the last download ended at the deadline without a state
+
+    def arm(self) -> None:
+        """The next call begins a new download with the full ``timeout``."""
+        self.deadline, self.armed, self.gave_up = None, True, False
+
+    def __call__(self, **kwargs):
+        now = time.monotonic()
+        if self.deadline is None or not self.armed:
+            self.deadline, self.gave_up = now + self.timeout, False
+        kwargs["timeout"] = max(1.0, min(kwargs.get("timeout") or self.timeout, self.deadline - now))
+        try:
+            return self.load(**kwargs)
+        except Exception as err:
+            if time.monotonic() < self.deadline:
+                raise
+            log.warning("giving up loading state from peers after %.0f s (%r); training on", self.timeout, err)
+            self.gave_up = True
+            return None
+
+
+class _CheckedResult:
+    """Stands for hivemind's future in its download loop: a state that fails ``check`` raises where hivemind catches
+    a failed peer, so hivemind tries the peer with the next priority; one that passes goes to ``future``."""
+
+    def __init__(self, future, check: StateCheck | None, refused):
+        self.future, self.check, self.refused = future, check, refused
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def set_result(self, result) -> None:
+        if result is not None and self.check is not None:
+            reason = self.check.refusal(*result)
+            if reason is not None:
+                with self.refused.get_lock():
+                    self.refused.value += 1
+                log.warning("refused a state from a peer: %s; trying the next peer", reason)
+                raise StateRefused(reason)
+        self.future.set_result(result)
+
+
+class _CheckedDownload:
+    """An averager that checks every state it downloads before handing it on (mixed into hivemind's averagers).
+
+    hivemind's download (``DecentralizedAverager._load_state_from_peers``, in the averager's process) asks the peers
+    in order of their announced priority and hands on the first state it receives, whatever it holds; its callers
+    (``TrainingStateAverager.load_state_from_peers``, ``DiLoCo``, the coordinator) would then apply it. Here the
+    state is checked in that loop, against the ``StateCheck`` that ``state_check`` (set by the owner, in this
+    process) builds for each download, so a refused peer is skipped and the next one asked. ``refused_states``
+    counts the refusals (a counter in shared memory, written in the averager's process)."""
+
+    state_check: Callable[[], StateCheck | None] | None = None
+    """Builds the check for the next download (in the host process, when the download begins)."""
+
+    def __init__(self, *args, **kwargs):
+        self._refused = mp.Value(ctypes.c_int, 0)  # before super() starts the averager's process: it is shared
+        self._check: StateCheck | None = None  # the averager process's copy, armed for each download
+        super().__init__(*args, **kwargs)
+
+    @property
+    def refused_states(self) -> int:
+        """States refused since this averager started."""
+        return self._refused.value
+
+    def load_state_from_peers(self, *args, **kwargs):
+        check = self.state_check() if self.state_check is not None else None
+        # pipe messages run in order in the averager's process: the check is in place before the download begins
+        self._outer_pipe.send(("_arm_state_check", [check], {}))
+        return super().load_state_from_peers(*args, **kwargs)
+
+    async def _arm_state_check(self, check: StateCheck | None) -> None:  # runs in the averager's process
+        self._check = check
+
+    async def _load_state_from_peers(self, future, timeout: float | None = None):  # runs in the averager's process
+        await super()._load_state_from_peers(_CheckedResult(future, self._check, self._refused), timeout=timeout)
+
+
+class _GroupSized:
+    """A hivemind averager told how many peers a full group has (mixed into hivemind's two averager classes).
+
+    Without a target group size, hivemind's matchmaking leader keeps its group open for the whole
+    ``matchmaking_time`` even when every peer has joined, so every swarm step waited that long for nothing. With the
+    size set to the peers the progress tracker counts, the group closes as soon as they are all in; when a counted
+    peer is gone (its record not yet expired), the group closes at ``matchmaking_time`` as before. Matchmaking runs
+    in the averager's own process: the size travels there through hivemind's command pipe.
+    """
+
+    group_size: int | None = None
+
+    def set_group_size(self, size: int) -> None:
+        if size != self.group_size:
+            self.group_size = size
+            # hivemind's averager process runs ``getattr(averager, name)(*args, **kwargs)`` for each pipe message
+            self._outer_pipe.send(("_set_group_size", [size], {}))
+
+    async def _set_group_size(self, size: int) -> None:  # runs in the averager's process
+        # hivemind fixes the size when the averager starts (``target_group_size``, None for hivemind.Optimizer's
+        # averagers) and offers no setter: change it on the live matchmaking, where the leader checks it
+        self._matchmaking.target_group_size = size
+        self._matchmaking.potential_leaders.target_group_size = size
+
+
+# hivemind names each averager's RPC protocols after its class (``<prefix>::TrainingStateAverager.rpc_download_state``):
+# ours keep hivemind's class names, so they speak with plain hivemind peers and the coordinator.
+
+
+class GradientAverager(_GroupSized, grad_averager.GradientAverager):
+    """hivemind's gradient averager, with ``_GroupSized``."""
+
+
+class TrainingStateAverager(_GroupSized, _CheckedDownload, state_averager.TrainingStateAverager):
+    """hivemind's training-state averager, with ``_GroupSized`` and ``_CheckedDownload``."""
+
+
+class GroupSizedAverager(_GroupSized, _CheckedDownload, hivemind.DecentralizedAverager):
+    """hivemind's plain averager, with ``_GroupSized`` and ``_CheckedDownload``."""
+
+
+def use_our_8bit_codec() -> None:
+    """Encode and decode ``UNIFORM_8BIT`` tensors with ``core.averaging.quantization.Blockwise8BitCompression``.
+
+    hivemind decodes every received tensor through a module-level table keyed by the wire name, and the protocol has
+    no room for a new name; hivemind's own 8-bit decoders fail under numpy 2 (see ``core.averaging.quantization``).
+    Call it before any averager process starts (they fork from this one and inherit the table).
+    """
+    from hivemind.compression import serialization
+
+    from vitpeer.peer.core.averaging.quantization import Blockwise8BitCompression
+
+    serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Blockwise8BitCompression()
+
+
+def catch_up_scheduler(averager: state_averager.TrainingStateAverager) -> None:
+    """Step ``averager``'s LR scheduler until it is in step with ``averager.local_epoch``.
+
+    Use it after setting the epoch by hand (a checkpoint restore). hivemind does this itself after a state download,
+    in the private ``_update_scheduler``, and has no public way to do it otherwise."""
+    averager._update_scheduler()
+
+
+def dht_node_validators(node) -> list[RecordValidatorBase]:
+    """The record validators a running ``DHTNode`` applies (run inside the DHT process, e.g. by
+    ``hivemind.DHT.run_coroutine``). hivemind keeps no public accessor: its composite validator's private list."""
+    return list(node.protocol.record_validator._validators)
+
+
+def say_goodbye(dht: hivemind.DHT, tracker) -> None:
+    """Tell the others this peer is gone: its progress record set to None, and wait until it is stored.
+
+    hivemind's own goodbye (in ``shutdown``) does not wait for the store, so a DHT shut down right after loses it, and
+    the others count this peer, and wait for it in their rounds, until its record expires."""
+    expiration = get_dht_time() + tracker.metadata_expiration
+    try:
+        # the record hivemind's own goodbye writes: peers' progress is keyed by their signing key, kept private
+        dht.store(tracker.training_progress_key, None, expiration, subkey=tracker._local_public_key)
+    except Exception as err:  # the goodbye is a courtesy: leaving must not fail on it
+        log.warning("could not tell the swarm this peer left: %r", err)
