@@ -43,9 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from vitpeer.monitor.host import HostCollector, Nvml
-from vitpeer.peer.core.algorithms.diloco import DiLoCoOptimizer
 from vitpeer.peer.core.averaging.events import SwarmEvents
-from vitpeer.peer.core.averaging.hivemind_optimizer import SwarmOptimizer
 from vitpeer.peer.core.swarm.records import vitpeer_version
 
 if TYPE_CHECKING:
@@ -164,10 +162,9 @@ class TrainingCollector(Collector):
             yield GaugeMetricFamily(
                 "vitpeer_loss", "Mean training loss per sample over the last swarm step", value=reporter.last["loss"]
             )
-        optimizers = self.strategy.optimizers
-        if not optimizers or not isinstance(optimizers[0], SwarmOptimizer | DiLoCoOptimizer):
+        opt = self.strategy.peer_optimizer
+        if opt is None:
             return  # before fit: the swarm optimizer does not exist yet
-        opt = optimizers[0]
         progress = opt.tracker.global_progress
         gauges = {
             "samples_per_second": ("This peer's samples per second", opt.local_progress.samples_per_second),

@@ -25,8 +25,9 @@ from hivemind.compression import NoCompression
 from processes import Coordinator, free_port, listed, peer, peer_id, wait_for
 
 from vitpeer.coordinator.checkpoints import CheckpointStore
-from vitpeer.coordinator.state import DiLoCoState, open_swarm_state
-from vitpeer.peer.core.algorithms.diloco import DiLoCo
+from vitpeer.coordinator.state import open_swarm_state
+from vitpeer.peer.core.algorithms.diloco_rounds import DiLoCo
+from vitpeer.peer.core.algorithms.observers import DiLoCoState
 from vitpeer.peer.core.config import ConfigError, RunConfig, load_config
 from vitpeer.peer.core.model import ImageClassifier, build_model
 from vitpeer.peer.core.runtime.processes import stop_all

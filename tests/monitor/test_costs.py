@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vitpeer.monitor.exporter import PeerExporter
 from vitpeer.monitor.swarm import SwarmCollector
-from vitpeer.peer.core.algorithms.diloco import DiLoCoOptimizer, RoundResult
+from vitpeer.peer.core.algorithms.diloco_optimizer import DiLoCoOptimizer
+from vitpeer.peer.core.algorithms.diloco_rounds import RoundResult
 from vitpeer.peer.core.averaging.events import SwarmEvents, SwarmTotals, allreduce_bytes_sent
 from vitpeer.peer.core.averaging.hivemind_optimizer import SwarmOptimizer
 from vitpeer.peer.core.averaging.quantization import BLOCK, Blockwise8BitCompression
@@ -180,7 +181,7 @@ def test_a_peer_exports_and_publishes_what_the_swarm_cost_it(dht, promtool: Path
     reporter = SwarmReporter(dht, RUN_ID)
     optimizer = SimpleNamespace(events=exporter, local_epoch=1, local_progress=SimpleNamespace(samples_per_second=8.0))
     swarm = SimpleNamespace(algorithm="diloco")
-    strategy = SimpleNamespace(strategy_name="hivemind", swarm=swarm, optimizer=optimizer, optimizers=[])
+    strategy = SimpleNamespace(strategy_name="hivemind", swarm=swarm, optimizer=optimizer, peer_optimizer=None)
     trainer = SimpleNamespace(strategy=strategy, world_size=1)
     peer_id = dht.peer_id.to_base58()
     exporter.watch(peer_id, RUN_ID, strategy, reporter)

@@ -19,8 +19,11 @@ import torch
 from hivemind.compression import NoCompression
 from processes import wait_for
 
-from vitpeer.coordinator.state import DiLoCoState, open_swarm_state
-from vitpeer.peer.core.algorithms.diloco import DiLoCo, DiLoCoOptimizer, OuterAverager
+from vitpeer.coordinator.state import open_swarm_state
+from vitpeer.peer.core.algorithms.diloco_optimizer import DiLoCoOptimizer
+from vitpeer.peer.core.algorithms.diloco_rounds import DiLoCo
+from vitpeer.peer.core.algorithms.diloco_shared import OuterAverager
+from vitpeer.peer.core.algorithms.observers import DiLoCoState
 from vitpeer.peer.core.averaging.events import SwarmEvents
 from vitpeer.peer.core.averaging.hivemind_optimizer import SwarmOptimizer
 from vitpeer.peer.core.averaging.remote_state import StateRefused, optimizer_expectation

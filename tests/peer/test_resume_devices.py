@@ -14,7 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from vitpeer.peer.core.algorithms.diloco import DiLoCoOptimizer
+from vitpeer.peer.core.algorithms.diloco_optimizer import DiLoCoOptimizer
 from vitpeer.peer.core.config import ConfigError, load_config
 from vitpeer.peer.core.config.preflight import check_resume_algorithm
 from vitpeer.peer.core.data import VisionDataModule, num_classes

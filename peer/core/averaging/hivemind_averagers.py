@@ -34,16 +34,20 @@ What each adapter here changes in hivemind, and the private names it touches:
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import multiprocessing as mp
 import time
 from collections.abc import Callable
 
 import hivemind
+import torch
+from hivemind.averaging import allreduce, partition
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.optim import grad_averager, state_averager
 from hivemind.utils import get_dht_time
 
+from vitpeer.peer.core.averaging.aggregation import Aggregation, mean
 from vitpeer.peer.core.averaging.remote_state import StateCheck, StateRefused
 
 log = logging.getLogger(__name__)
@@ -174,20 +178,70 @@ class _GroupSized:
         self._matchmaking.potential_leaders.target_group_size = size
 
 
+class _RoundParts:
+    """Stands in for hivemind's accumulator tensor of one part (``TensorPartReducer.accumulator``): hivemind adds each
+    sender's part with ``add_(part, alpha=weight)`` and takes the reduced part with ``div_(total weight)``; here the
+    parts are kept, and the reduced part is the aggregation rule's."""
+
+    def __init__(self, aggregation: Aggregation):
+        self.aggregation = aggregation
+        self.parts: list[torch.Tensor] = []
+        self.weights: list[float] = []
+
+    def add_(self, part: torch.Tensor, alpha: float = 1.0) -> _RoundParts:
+        self.parts.append(part)
+        self.weights.append(float(alpha))
+        return self
+
+    def div_(self, denominator: float) -> torch.Tensor:
+        return self.aggregation(self.parts, self.weights)
+
+
+class AggregatingReducer(partition.TensorPartReducer):
+    """hivemind's reducer of one all-reduce, reducing each part with ``aggregation`` (``core.averaging.aggregation``)
+    instead of its built-in weighted mean. hivemind's own bookkeeping (which sender sent which part, failed senders,
+    waiting for the previous part) is unchanged."""
+
+    def __init__(self, part_shapes, num_senders: int, *, aggregation: Aggregation):
+        self.aggregation = aggregation  # before super(): its __init__ makes the first accumulator
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        super().reset_accumulators()
+        if not self.finished.is_set():  # hivemind made a zero tensor for the next part: collect the parts instead
+            self.accumulator = _RoundParts(self.aggregation)
+
+
+class _Aggregating:
+    """An averager whose rounds reduce with ``aggregation`` (mixed into every averager of ours).
+
+    hivemind builds each round's reducer from the module global ``hivemind.averaging.allreduce.TensorPartReducer``
+    and takes no reducer argument; the averager runs its rounds in its own process, so that process lends the name our
+    ``AggregatingReducer`` for its whole life (no other averager shares the process)."""
+
+    def __init__(self, *args, aggregation: Aggregation = mean, **kwargs):
+        self.aggregation = aggregation  # before super() starts the averager's process, which reads it
+        super().__init__(*args, **kwargs)
+
+    def run(self) -> None:  # the averager's process
+        allreduce.TensorPartReducer = functools.partial(AggregatingReducer, aggregation=self.aggregation)
+        super().run()  # type: ignore[misc]  # hivemind's DecentralizedAverager.run, next in the MRO
+
+
 # hivemind names each averager's RPC protocols after its class (``<prefix>::TrainingStateAverager.rpc_download_state``):
 # ours keep hivemind's class names, so they speak with plain hivemind peers and the coordinator.
 
 
-class GradientAverager(_GroupSized, grad_averager.GradientAverager):
-    """hivemind's gradient averager, with ``_GroupSized``."""
+class GradientAverager(_Aggregating, _GroupSized, grad_averager.GradientAverager):
+    """hivemind's gradient averager, with ``_Aggregating`` and ``_GroupSized``."""
 
 
-class TrainingStateAverager(_GroupSized, _CheckedDownload, state_averager.TrainingStateAverager):
-    """hivemind's training-state averager, with ``_GroupSized`` and ``_CheckedDownload``."""
+class TrainingStateAverager(_Aggregating, _GroupSized, _CheckedDownload, state_averager.TrainingStateAverager):
+    """hivemind's training-state averager, with ``_Aggregating``, ``_GroupSized`` and ``_CheckedDownload``."""
 
 
-class GroupSizedAverager(_GroupSized, _CheckedDownload, hivemind.DecentralizedAverager):
-    """hivemind's plain averager, with ``_GroupSized`` and ``_CheckedDownload``."""
+class GroupSizedAverager(_Aggregating, _GroupSized, _CheckedDownload, hivemind.DecentralizedAverager):
+    """hivemind's plain averager, with ``_Aggregating``, ``_GroupSized`` and ``_CheckedDownload``."""
 
 
 def use_our_8bit_codec() -> None:

@@ -28,13 +28,16 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from typing import Any
 
 import hivemind
 import torch
 from hivemind.compression import CompressionInfo
 from hivemind.optim import optimizer as hivemind_optimizer
 from hivemind.optim import state_averager
+from torch.optim.lr_scheduler import LambdaLR
 
+from vitpeer.peer.core.averaging.aggregation import Aggregation, mean
 from vitpeer.peer.core.averaging.events import SwarmEvents, allreduce_bytes_sent
 from vitpeer.peer.core.averaging.hivemind_averagers import (
     GradientAverager,
@@ -49,6 +52,27 @@ from vitpeer.peer.core.averaging.remote_state import StateCheck, download_bound,
 log = logging.getLogger(__name__)
 
 
+def factory_form(optimizer: torch.optim.Optimizer, scheduler: Any | None) -> tuple[list[dict], Any, Any]:
+    """A built optimizer and scheduler as hivemind's factory form: (param groups, optimizer and scheduler factories).
+
+    Every group carries all its hyper-parameters, so ``type(optimizer)(groups)`` rebuilds the optimizer. The
+    scheduler must be a ``LambdaLR``: hivemind steps it once per swarm step, and a pure function of the step lets
+    peers that joined at different times (and the coordinator) agree on the learning rate.
+    """
+    if scheduler is not None and not isinstance(scheduler, LambdaLR):
+        raise ValueError(
+            f"HivemindStrategy rebuilds the scheduler once per swarm step and needs a LambdaLR, got "
+            f"{type(scheduler).__name__}; express the schedule as LambdaLR(optimizer, step -> factor)"
+        )
+    lambdas = scheduler.lr_lambdas if scheduler is not None else None
+    groups = [dict(group) for group in optimizer.param_groups]
+    return (
+        groups,
+        lambda params: type(optimizer)(params),
+        (lambda opt: LambdaLR(opt, lambdas)) if lambdas is not None else None,
+    )
+
+
 class SwarmOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer with a deadline on state downloads, a check of every downloaded state, checkpoint restore
     that keeps the LR in step, a guard that keeps non-finite gradients out of the swarm, and ``SwarmEvents`` for
@@ -56,8 +80,15 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     ``max_steps``: the run's last swarm step (``trainer.max_steps``); no downloaded state may be past it."""
 
-    def __init__(self, events: SwarmEvents | None = None, max_steps: int | None = None, **kwargs):
+    def __init__(
+        self,
+        events: SwarmEvents | None = None,
+        max_steps: int | None = None,
+        aggregation: Aggregation = mean,
+        **kwargs,
+    ):
         self.events = events or SwarmEvents()
+        self.aggregation = aggregation  # every round of both averagers reduces with it (``core.averaging.aggregation``)
         self.max_steps = max_steps
         if not kwargs.get("use_local_updates"):  # hivemind refuses a gradient averager factory with local updates
             # hivemind 1.1.12 forwards averager_opts to the state averager only, though its docstring says both: the
@@ -65,7 +96,8 @@ class SwarmOptimizer(hivemind.Optimizer):
             # warns "can cause deadlocks" (a demo peer pair once failed every gradient round for 56 rounds so). The
             # public factory argument carries them, and our averager class, to the gradient averager.
             factory = kwargs.get("grad_averager_factory") or GradientAverager
-            kwargs["grad_averager_factory"] = functools.partial(factory, **dict(kwargs.get("averager_opts") or {}))
+            options = dict(kwargs.get("averager_opts") or {})
+            kwargs["grad_averager_factory"] = functools.partial(factory, aggregation=aggregation, **options)
         super().__init__(**kwargs)
         self._loaders = []
         for averager in (self.state_averager, self.grad_averager):
@@ -103,13 +135,16 @@ class SwarmOptimizer(hivemind.Optimizer):
         return wrapped
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
-        # Changes which class hivemind builds its state averager from: ours, with ``_GroupSized``. hivemind 1.1.12's
+        # Changes which class hivemind builds its state averager from: ours (``_Aggregating``, ``_GroupSized``).
+        # hivemind 1.1.12's
         # Optimizer takes a factory for the gradient averager (used above) but none for the state averager: its
         # ``_make_state_averager`` calls this module-level name, with the arguments it alone knows. Copying that call
         # here would drift silently from hivemind's, and changing the class after it is built is too late (the
         # averager's process has started with hivemind's class, and ``_set_group_size`` runs there). So the name is
         # lent for this call and restored; not thread-safe: build one SwarmOptimizer at a time.
-        hivemind_optimizer.TrainingStateAverager = TrainingStateAverager
+        hivemind_optimizer.TrainingStateAverager = functools.partial(
+            TrainingStateAverager, aggregation=self.aggregation
+        )
         try:
             return super()._make_state_averager(**kwargs)
         finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from hivemind.compression import Float16Compression, NoCompression
 from hivemind.compression.base import CompressionBase, CompressionInfo
 from hivemind.proto import runtime_pb2
 
@@ -76,3 +77,13 @@ class Blockwise8BitCompression(CompressionBase):
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
         return (8 + 32 / BLOCK) / torch.finfo(info.descriptor.dtype).bits
+
+
+def compression(name: str) -> CompressionBase:
+    """The codec ``swarm.compression`` names: ``none`` (fp32), ``fp16`` or ``8bit`` (``Blockwise8BitCompression``)."""
+    codecs: dict[str, type[CompressionBase]] = {
+        "none": NoCompression,
+        "fp16": Float16Compression,
+        "8bit": Blockwise8BitCompression,
+    }
+    return codecs[name]()

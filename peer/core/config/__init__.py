@@ -26,9 +26,16 @@ from vitpeer.peer.core.config.sections import (
     Section,
     TrainerConfig,
 )
-from vitpeer.peer.core.config.swarm import SwarmConfig, peer_multiaddr_problem, split_peer_list
+from vitpeer.peer.core.config.swarm import (
+    ALGORITHMS,
+    SwarmConfig,
+    algorithm_named,
+    peer_multiaddr_problem,
+    split_peer_list,
+)
 
 __all__ = [
+    "ALGORITHMS",
     "CONFIG_DIR",
     "ConfigError",
     "DataConfig",
@@ -40,6 +47,7 @@ __all__ = [
     "Section",
     "SwarmConfig",
     "TrainerConfig",
+    "algorithm_named",
     "load_config",
     "peer_multiaddr_problem",
     "resolve_config_path",

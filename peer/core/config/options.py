@@ -2,8 +2,9 @@
 the logging setup.
 
 A flag that sets a config field is declared once, as a ``Flag`` naming the field's dotted key: its type, its choices
-(a ``Literal``), ``--x/--no-x`` for a bool, its default and its help (the field's docstring) all come from the field
-in ``core.config``. A flag left out keeps the config file's value: command line > YAML file > defaults.
+(a ``Literal``, or a registry's names in the field's ``choices``), ``--x/--no-x`` for a bool, its default and its help
+(the field's docstring) all come from the field in ``core.config``. A flag left out keeps the config file's value:
+command line > YAML file > defaults.
 
 The peer's commands (``vitpeer.peer.commands.cli``), the coordinator's and the monitor's build on this module; it
 imports no Lightning, timm or torch, so a refusal is printed before any of them loads.
@@ -164,6 +165,8 @@ def flag_option(flag: Flag, field: FieldInfo) -> Callable[[Command], Command]:
         decls[0] = f"--{flag.flag}/--{flag.off or 'no-' + flag.flag}"
     elif get_origin(kind) is Literal:
         settings["type"] = click.Choice([str(value) for value in get_args(kind)])
+    elif isinstance(extra := field.json_schema_extra, dict) and isinstance(choices := extra.get("choices"), list):
+        settings["type"] = click.Choice([str(value) for value in choices])  # a registry's names
     elif get_origin(kind) is list:
         settings["multiple"] = True
         settings["type"] = click_type(flag.key, get_args(kind)[0])

@@ -28,7 +28,7 @@ import zipfile
 from functools import cache
 from pathlib import Path
 
-from vitpeer.peer.core.config import ConfigError, RunConfig, SwarmConfig
+from vitpeer.peer.core.config import ALGORITHMS, ConfigError, RunConfig, SwarmConfig, algorithm_named
 
 DATA_DIR_SOURCES = ("cifar10", "cifar100", "imagefolder")
 """Sources that read their files from ``data.data_dir`` and cannot run without it."""
@@ -68,10 +68,13 @@ def check_swarm_trainer(config: RunConfig) -> None:
             "trainer.early_stopping_patience: a swarm step belongs to every peer, so one peer cannot stop the run "
             "early; set trainer.max_steps (or stop a volunteer with Ctrl-C) instead"
         )
-    if config.swarm.algorithm == "diloco" and config.parallel.strategy != "single":
+    algorithm = algorithm_named(config.swarm.algorithm)
+    if config.parallel.strategy not in algorithm.local_strategies:
+        others = [name for name in ALGORITHMS if config.parallel.strategy in algorithm_named(name).local_strategies]
         raise ConfigError(
-            f"parallel.strategy = {config.parallel.strategy!r}: several local ranks in one diloco peer are not "
-            "supported yet; use --local-strategy single (one device per peer), or --algorithm gradient"
+            f"parallel.strategy = {config.parallel.strategy!r}: the {algorithm.name} algorithm runs with "
+            f"{', '.join(algorithm.local_strategies)} only; use --local-strategy "
+            f"{algorithm.local_strategies[0]}" + (f", or --algorithm {' or '.join(others)}" if others else "")
         )
 
 
@@ -162,12 +165,10 @@ def check_resume_algorithm(path: Path, algorithm: str) -> None:
     optimizer = (state.get("optimizer_states") or [None])[0]
     if not isinstance(optimizer, dict):
         return
-    if "outer_state" in optimizer:  # ``DiLoCoOptimizer.state_dict``
-        written_by = "diloco"
-    elif "local_epoch" in (optimizer.get("state") or {}):  # hivemind's ``Optimizer.state_dict``
-        written_by = "gradient"
-    else:
+    writers = [name for name in ALGORITHMS if algorithm_named(name).wrote(optimizer)]
+    if not writers:
         return  # not a swarm's optimizer (a `vitpeer train` checkpoint)
+    written_by = writers[0]
     if written_by != algorithm:
         raise ConfigError(
             f"trainer.resume = {str(path)!r} was written by a {written_by} swarm, but this run's swarm.algorithm is "

@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 import sys
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from vitpeer.peer.core.config.sections import Section
+
+if TYPE_CHECKING:  # the registry's entries live above the configuration, and are imported only when asked for
+    from vitpeer.peer.core.algorithms.base import SwarmAlgorithm
+
+ALGORITHMS: dict[str, str] = {
+    "diloco": "vitpeer.peer.core.algorithms.diloco",
+    "gradient": "vitpeer.peer.core.algorithms.gradient",
+}
+"""The one registry of the ways peers train together: each name ``swarm.algorithm`` takes and the module that
+implements it, whose ``ALGORITHM`` is its ``SwarmAlgorithm`` (``core.algorithms.base``). Another algorithm is one
+module and one line here. The modules import torch and hivemind only when they build something, so a config is checked
+(and refused) before either is imported."""
+
+
+def algorithm_named(name: str) -> SwarmAlgorithm:
+    """The implementation of ``swarm.algorithm = name`` (``ALGORITHMS``)."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown swarm.algorithm {name!r}; expected one of {', '.join(sorted(ALGORITHMS))}")
+    return importlib.import_module(ALGORITHMS[name]).ALGORITHM
 
 
 def split_peer_list(values: list[str] | tuple[str, ...]) -> list[str]:
@@ -89,7 +109,7 @@ class SwarmConfig(Section):
     """Seconds before an averaging round is given up and the peer steps with its local gradients."""
     load_state_timeout: float = Field(default=60.0, gt=0)
     """Deadline for downloading the swarm's state when joining or after falling behind; then train from local state."""
-    algorithm: Literal["diloco", "gradient"] = "diloco"
+    algorithm: str = Field(default="diloco", json_schema_extra={"choices": list(ALGORITHMS)})
     """How the peers train together. ``diloco``: each peer trains alone with its own optimizer for a swarm step, then
     the peers average how far they moved (the pseudo-gradient) in the background and an outer optimizer steps the
     shared parameters; little traffic, no waiting while a round runs. ``gradient``: the peers average gradients
@@ -112,7 +132,12 @@ class SwarmConfig(Section):
         """``compression``, or the algorithm's default when unset."""
         if self.compression is not None:
             return self.compression
-        return "fp16" if self.algorithm == "diloco" else "none"
+        return algorithm_named(self.algorithm).default_compression
+
+    aggregation: Literal["mean"] = "mean"
+    """How a round turns the parts the peers send into the part each receives (``core.averaging.aggregation``):
+    ``mean``, the mean weighted by what each peer declares (hivemind's own rule). Applies to every averaging round:
+    gradients, parameters, diloco's pseudo-gradients and its exact syncs."""
 
     local_updates: bool = False
     """Apply local gradients every step and only average parameters each swarm step (fewer bytes, noisier)."""
@@ -157,14 +182,15 @@ class SwarmConfig(Section):
                 )
         return value
 
+    @field_validator("algorithm")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        algorithm_named(value)  # refuses an unknown name, naming the registered ones
+        return value
+
     @model_validator(mode="after")
     def _compatible_modes(self) -> SwarmConfig:
-        if self.local_updates and self.overlap:
-            raise ValueError("swarm.local_updates averages no gradients, so swarm.overlap must be false with it")
-        if self.algorithm == "diloco" and (self.local_updates or self.overlap):
-            which = "local_updates" if self.local_updates else "overlap"
-            raise ValueError(
-                f"swarm.{which} is an option of the gradient algorithm; diloco always steps locally and averages in "
-                "the background: leave it false, or set swarm.algorithm = 'gradient'"
-            )
+        refusal = algorithm_named(self.algorithm).refusal(self)
+        if refusal is not None:
+            raise ValueError(refusal)
         return self

@@ -31,43 +31,16 @@ from typing import Any
 import hivemind
 import pytorch_lightning as pl
 import torch
-from hivemind.compression import Float16Compression, NoCompression
 from pytorch_lightning.strategies import SingleDeviceStrategy
 from pytorch_lightning.utilities.data import extract_batch_size
-from torch.optim.lr_scheduler import LambdaLR
 
-from vitpeer.peer.core.algorithms.diloco import DiLoCo, DiLoCoOptimizer
+from vitpeer.peer.core.algorithms.base import PeerOptimizer, PeerSetup
 from vitpeer.peer.core.averaging.events import SwarmEvents
 from vitpeer.peer.core.averaging.hivemind_averagers import use_our_8bit_codec
-from vitpeer.peer.core.averaging.hivemind_optimizer import SwarmOptimizer
-from vitpeer.peer.core.averaging.quantization import Blockwise8BitCompression
-from vitpeer.peer.core.config import SwarmConfig
+from vitpeer.peer.core.config import SwarmConfig, algorithm_named
 from vitpeer.peer.core.model.parallel import check_precision
 
 log = logging.getLogger(__name__)
-
-COMPRESSION = {"none": NoCompression, "fp16": Float16Compression, "8bit": Blockwise8BitCompression}
-
-
-def factory_form(optimizer: torch.optim.Optimizer, scheduler: Any | None) -> tuple[list[dict], Any, Any]:
-    """A built optimizer and scheduler as hivemind's factory form: (param groups, optimizer and scheduler factories).
-
-    Every group carries all its hyper-parameters, so ``type(optimizer)(groups)`` rebuilds the optimizer. The
-    scheduler must be a ``LambdaLR``: hivemind steps it once per swarm step, and a pure function of the step lets
-    peers that joined at different times (and the coordinator) agree on the learning rate.
-    """
-    if scheduler is not None and not isinstance(scheduler, LambdaLR):
-        raise ValueError(
-            f"HivemindStrategy rebuilds the scheduler once per swarm step and needs a LambdaLR, got "
-            f"{type(scheduler).__name__}; express the schedule as LambdaLR(optimizer, step -> factor)"
-        )
-    lambdas = scheduler.lr_lambdas if scheduler is not None else None
-    groups = [dict(group) for group in optimizer.param_groups]
-    return (
-        groups,
-        lambda params: type(optimizer)(params),
-        (lambda opt: LambdaLR(opt, lambdas)) if lambdas is not None else None,
-    )
 
 
 def last_step(trainer: pl.Trainer) -> int | None:
@@ -90,6 +63,7 @@ class SwarmSteps:
         self.swarm, self.dht, self.events = swarm, dht, events
         self._batch_size: int | None = None
         self._followed_epoch = -1
+        self.peer_optimizer: PeerOptimizer | None = None  # the leader's, once fit has made it
         self.leave = threading.Event()
         """Set (by ``core.lightning.leave.LeaveOnSignal``) to stop after the current local step; the leader's
         decides."""
@@ -99,8 +73,11 @@ class SwarmSteps:
         return self.local_rank == 0
 
     @property
-    def optimizer(self) -> SwarmOptimizer:
-        return self.optimizers[0]
+    def optimizer(self) -> PeerOptimizer:
+        """The leader's swarm optimizer (``setup`` made it)."""
+        if self.peer_optimizer is None:
+            raise RuntimeError("only the leader has a swarm optimizer, made when fit sets up")
+        return self.peer_optimizer
 
     @property
     def swarm_epoch(self) -> int:
@@ -130,72 +107,16 @@ class SwarmSteps:
             self.lr_scheduler_configs = []  # hivemind steps the scheduler once per swarm step, Lightning must not
             trainer.callbacks.append(_SwarmProgress())
 
-    def _make_swarm_optimizer(self, trainer: pl.Trainer) -> SwarmOptimizer:
+    def _make_swarm_optimizer(self, trainer: pl.Trainer) -> PeerOptimizer:
+        """The run's algorithm (``swarm.algorithm``) makes this peer's swarm optimizer from the module's own."""
         if len(self.optimizers) != 1:
             raise ValueError(f"HivemindStrategy trains with exactly one optimizer, got {len(self.optimizers)}")
         if len(self.lr_scheduler_configs) > 1:
             raise ValueError("HivemindStrategy takes at most one LR scheduler")
         scheduler = self.lr_scheduler_configs[0].scheduler if self.lr_scheduler_configs else None
-        if self.swarm.algorithm == "diloco":
-            return self._make_diloco_optimizer(self.optimizers[0], scheduler, last_step(trainer))
-        params, optimizer, scheduler_factory = factory_form(self.optimizers[0], scheduler)
-        params = self._swarm_groups(params)
-        swarm = self.swarm
-        return SwarmOptimizer(
-            events=self.events,
-            dht=self.dht,
-            run_id=swarm.run_id,
-            # hivemind 1.1.12 keeps client_mode None when it is not passed (``client_mode if client_mode is None else
-            # dht.client_mode``) while its averagers take the DHT's: a client-mode peer then offered its state and
-            # exited at its first download ("averager in client mode cannot share its state")
-            client_mode=self.dht.client_mode,
-            max_steps=last_step(trainer),  # no downloaded state may be past the run's last step
-            target_batch_size=swarm.target_batch_size,
-            params=params,
-            optimizer=optimizer,
-            scheduler=scheduler_factory,
-            matchmaking_time=swarm.matchmaking_time,
-            average_state_every=swarm.average_state_every,
-            averaging_timeout=swarm.averaging_timeout,
-            load_state_timeout=swarm.load_state_timeout,
-            use_local_updates=swarm.local_updates,
-            offload_optimizer=not swarm.local_updates,
-            delay_optimizer_step=swarm.overlap,
-            delay_grad_averaging=swarm.overlap,
-            grad_compression=COMPRESSION[swarm.wire_compression](),
-            state_averaging_compression=COMPRESSION[swarm.wire_compression](),
-            # matchmaking requests must time out before the matchmaking window closes (hivemind warns otherwise)
-            averager_opts={"request_timeout": min(3.0, swarm.matchmaking_time / 2)},
-            tracker_opts={"metadata_expiration": swarm.progress_expiration},  # re-reported every half of it
-            verbose=log.isEnabledFor(logging.DEBUG),
-        )
-
-    def _make_diloco_optimizer(
-        self, inner: torch.optim.Optimizer, scheduler: Any | None, max_steps: int | None
-    ) -> DiLoCoOptimizer:
-        """The module's own optimizer steps every local batch; the outer loop averages once per swarm step."""
-        if scheduler is not None and not isinstance(scheduler, LambdaLR):
-            name = type(scheduler).__name__
-            raise ValueError(f"the diloco algorithm steps a LambdaLR once per swarm step, got {name}")
-        swarm = self.swarm
-        params = [param for group in inner.param_groups for param in group["params"]]
-        diloco = DiLoCo(
-            params,
-            dht=self.dht,
-            run_id=swarm.run_id,
-            target_batch_size=swarm.target_batch_size,
-            outer_lr=swarm.outer_lr,
-            outer_momentum=swarm.outer_momentum,
-            compression=COMPRESSION[swarm.wire_compression](),
-            matchmaking_time=swarm.matchmaking_time,
-            averaging_timeout=swarm.averaging_timeout,
-            load_state_timeout=swarm.load_state_timeout,
-            progress_expiration=swarm.progress_expiration,
-            sync_every=swarm.sync_every,
-            client_mode=swarm.client_mode,
-            max_steps=max_steps,
-        )
-        return DiLoCoOptimizer(inner, scheduler, diloco, self.events or SwarmEvents())
+        peer = PeerSetup(self.swarm, self.dht, self.events or SwarmEvents(), last_step(trainer), self._swarm_groups)
+        self.peer_optimizer = algorithm_named(self.swarm.algorithm).make_optimizer(peer, self.optimizers[0], scheduler)
+        return self.peer_optimizer
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -229,22 +150,16 @@ class SwarmSteps:
         self._follow_leader()
         return result
 
-    @property
-    def _swarm_optimizer(self) -> SwarmOptimizer | DiLoCoOptimizer | None:
-        """The leader's swarm optimizer once fit has made it; None on followers and before."""
-        found = self.optimizers[0] if self.optimizers else None
-        return found if isinstance(found, SwarmOptimizer | DiLoCoOptimizer) else None
-
     def stop_averaging_state(self) -> None:
         """Leaving (``core.lightning.leave``, from a helper thread): start no more state-averaging rounds. The
         gradient round in flight goes on, so the others, who wait for this peer's part, lose nothing."""
-        if (optimizer := self._swarm_optimizer) is not None:
+        if (optimizer := self.peer_optimizer) is not None:
             optimizer.stop_rounds()
 
     def say_goodbye(self) -> None:
         """Leaving past the deadline (``core.lightning.leave``, from a helper thread): tell the swarm, without waiting
         for the training loop."""
-        if (optimizer := self._swarm_optimizer) is not None:
+        if (optimizer := self.peer_optimizer) is not None:
             optimizer.say_goodbye()
 
     def _apply_pending_updates(self) -> None:
@@ -301,7 +216,7 @@ class SwarmSteps:
         super().on_train_end()
 
     def teardown(self) -> None:
-        if (optimizer := self._swarm_optimizer) is not None and optimizer.is_alive():
+        if (optimizer := self.peer_optimizer) is not None and optimizer.is_alive():
             optimizer.shutdown()  # teardown runs after fit and again after test
         super().teardown()
 
