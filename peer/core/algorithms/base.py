@@ -54,8 +54,11 @@ class PeerOptimizer(Protocol):
     """What the Lightning strategy (``core.lightning.strategy``) steps once per local batch and asks of the swarm,
     whichever the algorithm. Lightning sees it as the module's optimizer."""
 
-    skipped_batches: int
-    """Local batches kept out of the swarm because their gradients (or the step they made) held NaN or Inf."""
+    @property
+    def skipped_batches(self) -> int:
+        """Local batches kept out of the swarm because their gradients (or the step they made) held NaN or Inf."""
+        ...
+
     dropped_behind: int
     """Local batches dropped unsent because this peer was behind the swarm and loaded its state instead."""
     parameters_version: int

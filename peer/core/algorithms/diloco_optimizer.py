@@ -13,6 +13,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from vitpeer.peer.core.algorithms.diloco_rounds import DiLoCo
 from vitpeer.peer.core.averaging.events import SwarmEvents
 from vitpeer.peer.core.averaging.hivemind_averagers import say_goodbye
+from vitpeer.peer.core.averaging.poison_guard import PoisonGuard, all_finite
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,8 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
     def __init__(self, inner: torch.optim.Optimizer, scheduler: Any | None, diloco: DiLoCo, events: SwarmEvents):
         self.opt, self.scheduler, self.diloco, self.events = inner, scheduler, diloco, events
         self.defaults = inner.defaults
-        self.skipped_batches = 0
-        """Local batches whose gradients held NaN or Inf: not stepped, not counted toward the swarm's target."""
+        self.guard = PoisonGuard(events)
+        """Local batches whose gradients (or inner step) went NaN or Inf: not stepped, not counted toward the target."""
         self.dropped_behind = 0  # always: diloco steps each batch before it checks whether it is behind
         self.parameters_version = 0
         """Bumped whenever the outer loop wrote the parameters (a round applied, a sync, a download)."""
@@ -51,6 +52,10 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
     @param_groups.setter
     def param_groups(self, groups: list[dict]) -> None:
         self.opt.param_groups = groups
+
+    @property
+    def skipped_batches(self) -> int:
+        return self.guard.skipped
 
     @property
     def local_epoch(self) -> int:
@@ -73,15 +78,8 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grads = [p.grad for group in self.opt.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            # the poison guard: a batch with NaN or Inf gradients is not stepped and not counted
-            self.skipped_batches += 1
-            log.warning(
-                "non-finite gradients (NaN or Inf) in a local batch at swarm step %d: skipped", self.local_epoch
-            )
-            self.events.batch_skipped("nonfinite")
-            return loss
+        if self.guard.refuses((p.grad for group in self.opt.param_groups for p in group["params"]), self.local_epoch):
+            return loss  # not stepped, not counted toward the swarm's target
         self.opt.step()
         if self._inner_step_overflowed():
             return loss
@@ -97,15 +95,13 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
         undo this peer's progress back to where it began (``DiLoCo.discard_local_progress``) and reset the inner
         optimizer's statistics that went non-finite, so the next steps start clean. Counted as a skipped batch."""
         params = [p for group in self.opt.param_groups for p in group["params"]]
-        if not params or torch.isfinite(torch.nn.utils.get_total_norm(params)):
+        if all_finite(params):
             return False
-        self.skipped_batches += 1
-        log.warning(
+        self.guard.skip(
             "an inner step at swarm step %d left NaN or Inf in the parameters: back to where this round began "
             "(check the learning rate and the precision)",
             self.local_epoch,
         )
-        self.events.batch_skipped("nonfinite")
         self.diloco.discard_local_progress()
         for param in params:
             state = self.opt.state.get(param, {})

@@ -47,6 +47,7 @@ from vitpeer.peer.core.averaging.hivemind_averagers import (
     catch_up_scheduler,
     say_goodbye,
 )
+from vitpeer.peer.core.averaging.poison_guard import PoisonGuard
 from vitpeer.peer.core.averaging.remote_state import StateCheck, download_bound, training_state_check
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         **kwargs,
     ):
         self.events = events or SwarmEvents()
+        self.guard = PoisonGuard(self.events)  # keeps batches with NaN or Inf gradients out of the swarm
         self.aggregation = aggregation  # every round of both averagers reduces with it (``core.averaging.aggregation``)
         self.max_steps = max_steps
         if not kwargs.get("use_local_updates"):  # hivemind refuses a gradient averager factory with local updates
@@ -105,8 +107,6 @@ class SwarmOptimizer(hivemind.Optimizer):
                 loader = _LoadDeadline(averager.load_state_from_peers, self.load_state_timeout)
                 averager.load_state_from_peers = loader
                 self._loaders.append(loader)
-        self.skipped_batches = 0
-        """Local batches whose gradients held NaN or Inf and were not sent (see ``_check_and_accumulate_gradients``)."""
         self.dropped_behind = 0
         """Local batches hivemind dropped because this peer was behind the swarm: it loaded the swarm's state
         instead of sending them (see ``_should_load_state_from_peers``)."""
@@ -207,18 +207,12 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _skips_nonfinite_batch(self) -> bool:
         """True, counted and logged, when this local batch's gradients hold NaN or Inf."""
-        grads = [param.grad for param in self.state_averager.main_parameters if param.grad is not None]
-        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            return False
-        self.skipped_batches += 1
-        log.warning(
-            "non-finite gradients (NaN or Inf) in a local batch at swarm step %d: not sent to the swarm "
-            "(%d such batches so far); check the learning rate, the data and the precision",
-            self.local_epoch,
-            self.skipped_batches,
-        )
-        self.events.batch_skipped("nonfinite")
-        return True
+        return self.guard.refuses((param.grad for param in self.state_averager.main_parameters), self.local_epoch)
+
+    @property
+    def skipped_batches(self) -> int:
+        """Local batches whose gradients held NaN or Inf and were not sent (see ``_check_and_accumulate_gradients``)."""
+        return self.guard.skipped
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         began = super()._begin_averaging_gradients(grad_scaler)
