@@ -10,9 +10,11 @@ LINT = $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/
 
 # Debian packages the tests use, installed with apt-get when missing (as root; without them those tests skip, saying
 # so): podman, runc and debootstrap (and podman's network helpers) for the image test
-# (tests/docker/test_volunteer_image.py), which builds the Dockerfile and runs its containers; nftables for the NAT
-# router of the namespace tests (tests/netns.py); chromium for the live page test (tests/coordinator/test_page.py).
-TEST_TOOLS := podman runc debootstrap netavark aardvark-dns nftables chromium
+# (tests/docker/test_volunteer_image.py), which builds the Dockerfile and runs its containers; iptables, which
+# netavark runs to set up container networks but does not depend on (without it: "netavark: No such file or
+# directory"); nftables for the NAT router of the namespace tests (tests/netns.py); chromium for the live page test
+# (tests/coordinator/test_page.py).
+TEST_TOOLS := podman runc debootstrap netavark aardvark-dns iptables nftables chromium
 
 .PHONY: demo test bench lint format clean test-tools
 

@@ -22,8 +22,8 @@ Per-peer series come from the records, so organisers see every volunteer without
 NAT). A series is a signer's (``signer``: the id of the key that signed the record, ``core.swarm.records.signer_id``);
 its
 ``peer_id`` is what the record claims, a label anyone can write: two keys claiming one ``peer_id`` are two series, and
-neither replaces the other. ``signer`` has one value per live peer (a peer restarted after a crash signs with a new
-key: two values until its old record expires). The costs stay per peer: a sum over the live peers would drop when one
+neither replaces the other. ``signer`` has one value per live peer (an honest peer's is its peer id: it signs with
+its identity key, the same after a restart). The costs stay per peer: a sum over the live peers would drop when one
 leaves, which a counter must not do; a dashboard sums their rates. ``/status`` has the run's sums and ratios.
 """
 

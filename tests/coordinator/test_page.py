@@ -2,7 +2,8 @@
 
 One scenario for the module: a real coordinator, two real peers training, and a test DHT node that adds 100 signed
 records of made-up peers, one of which carries HTML and a terminal escape sequence in its hardware string. A real
-headless browser (Debian's ``chromium``) renders the page; those tests skip, in one line, where it is not installed.
+headless browser (Debian's ``chromium``) renders the page; those tests (marker ``browser``) skip, in one line, where
+it is not installed, and fail with that line in CI (``tests/ci_tools.py``).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def rendered(url: str, tmp: Path, screenshot: Path | None = None) -> str:
     return result.stdout
 
 
+@pytest.mark.browser
 @pytest.mark.timeout(400)
 def test_page_lists_the_peers_and_draws_the_loss_in_a_real_browser(scenario: Scenario):
     shot = scenario.tmp / "page.png"
@@ -131,6 +133,7 @@ def test_page_lists_the_peers_and_draws_the_loss_in_a_real_browser(scenario: Sce
     assert 'href="/best/model.safetensors"' in dom and re.search(r'<p id="downloads"(?! hidden)[^>]*>', dom)
 
 
+@pytest.mark.browser
 @pytest.mark.timeout(400)
 def test_a_peers_hardware_string_is_shown_as_text_and_runs_nothing(scenario: Scenario):
     dom = rendered(f"{scenario.coordinator.url}/", scenario.tmp / "chromium-xss")

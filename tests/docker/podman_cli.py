@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 ENV = {**os.environ, "CONTAINERS_CONF": str(HERE / "containers.conf")}
-TOOLS = ("podman", "runc", "debootstrap")
+TOOLS = ("podman", "runc", "debootstrap", "iptables")  # iptables: netavark runs it for container networks
 SUITE = "bookworm"  # Python 3.11, as the torch wheels here are built for
 MEASURED: dict[str, str] = {}  # what the image tests measured, printed after the session by conftest.py
 

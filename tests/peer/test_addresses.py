@@ -41,6 +41,7 @@ def test_loopback_peer_prints_its_loopback_address():
     assert hint.startswith(f"vitpeer join --run-id r1 --initial-peers {through[0]} (") and addrs[0] not in hint
 
 
+@pytest.mark.netns
 @pytest.mark.timeout(120)
 def test_peer_listening_everywhere_prints_its_interface_address_not_loopback():
     """In a network namespace of our own with one interface (10.77.0.2), listening on 0.0.0.0."""

@@ -14,9 +14,16 @@ import hivemind
 import pytest
 import torch
 from hivemind.optim import grad_averager, state_averager
+from hivemind.proto import crypto_pb2
 
-from vitpeer.peer.core.averaging.hivemind_averagers import WRITTEN_FOR, GradientAverager, TrainingStateAverager
+from vitpeer.peer.core.averaging.hivemind_averagers import (
+    WRITTEN_FOR,
+    GradientAverager,
+    TrainingStateAverager,
+    sign_with_identity,
+)
 from vitpeer.peer.core.averaging.hivemind_optimizer import SwarmOptimizer
+from vitpeer.peer.core.config import ConfigError
 
 
 def test_hivemind_is_the_version_the_adapters_were_written_for():
@@ -60,6 +67,8 @@ ADAPTED = [
     "_arm_state_check",
     "_validators",
     "_BASE_COMPRESSION_TYPES",
+    "_process_wide_key",
+    "_private_key",
 ]
 """The private hivemind names the adapters touch."""
 
@@ -127,3 +136,16 @@ def test_a_second_download_right_after_a_slow_one_gets_its_full_timeout():
         if opt is not None:
             opt.shutdown()
         dht.shutdown()
+
+
+def test_an_identity_hivemind_cannot_sign_with_is_refused_naming_the_file(tmp_path: Path):
+    """p2pd takes Ed25519 identities too, hivemind's signatures only RSA keys: such a file, or one that is no key at
+    all, stops the peer before its DHT starts, with the file and the way out (the signing key is left as it was)."""
+    ed25519 = tmp_path / "ed25519.key"
+    ed25519.write_bytes(crypto_pb2.PrivateKey(key_type=crypto_pb2.Ed25519, data=bytes(64)).SerializeToString())
+    with pytest.raises(ConfigError, match=rf"identity_path = {ed25519} holds a key of type Ed25519.*delete it"):
+        sign_with_identity(ed25519)
+    garbage = tmp_path / "garbage.key"
+    garbage.write_bytes(b"not a key")
+    with pytest.raises(ConfigError, match=rf"identity_path = {garbage} is not a libp2p identity.*delete it"):
+        sign_with_identity(garbage)

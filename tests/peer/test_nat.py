@@ -29,7 +29,11 @@ from processes import spawn, wait_for
 
 from vitpeer.peer.core.runtime.processes import stop_all
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(netns.unavailable()), reason=str(netns.unavailable()))]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.netns,
+    pytest.mark.skipif(bool(netns.unavailable()), reason=str(netns.unavailable())),
+]
 
 STEPS = 4
 FLAGS = ["--config", "digits_tiny", "--target-batch-size", "1024", "--batch-size", "32"]

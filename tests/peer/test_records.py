@@ -105,7 +105,7 @@ def test_signer_id_is_the_libp2p_peer_id_its_key_would_have_as_an_identity(tmp_p
         assert dht.peer_id.to_base58() == signer_id(subkey)
     finally:
         dht.shutdown()
-    # hivemind signs records with another key: the process's, not the identity
+    # a plain hivemind node signs records with another key, the process's (``start_dht`` makes it the identity's)
     assert signer_id(RSASignatureValidator().local_public_key) != signer_id(subkey)
     with pytest.raises(ValueError, match="one public key"):
         signer_id(b"no key here")

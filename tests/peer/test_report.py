@@ -3,6 +3,7 @@ counted, and readers check what their node let through."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import hivemind
@@ -13,7 +14,10 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from keys import Keyring
+from processes import wait_for
 
+from vitpeer.peer.core.config import SwarmConfig
+from vitpeer.peer.core.swarm.dht import start_dht
 from vitpeer.peer.core.swarm.records import (
     MAX_LOSS,
     MAX_SAMPLES_PER_SECOND,
@@ -188,3 +192,57 @@ def test_a_peers_own_report_stays_within_the_bounds_every_node_enforces():
     assert (published.samples_per_second, published.loss) == (MAX_SAMPLES_PER_SECOND, MAX_LOSS)
     reporter.window_loss = float("inf")  # finite losses whose sum overflowed
     assert reporter.report(step=1, samples_per_second=float("inf"))["loss"] == MAX_LOSS
+
+
+def rows_of(reader: hivemind.DHT, step: int) -> list[tuple[str, int]]:
+    """(signer, step) of every row ``reader`` lists, once one of them is at ``step``; else []."""
+    rows = [(row.signer, row.step) for row in read_reports(reader, RUN_ID)]
+    return rows if any(found == step for _, found in rows) else []
+
+
+@pytest.fixture
+def hivemind_signing_key():
+    """hivemind's process-wide signing key, put back after the test (which plays several processes in this one)."""
+    saved = RSAPrivateKey._process_wide_key
+    yield
+    RSAPrivateKey._process_wide_key = saved
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_restarted_with_its_identity_is_one_row_signed_by_its_peer_id(tmp_path: Path, hivemind_signing_key):
+    """A peer SIGKILLed and started again in its output directory keeps its identity file, so its peer id. hivemind
+    signed its records with a key of each process: the restart was a second row in /status (and a second peer in
+    hivemind's progress tracker, which sizes groups) until the old records expired (CI's hostile swarm saw 4 peers
+    of 3). Signed with the identity's key, the restarted peer's record replaces its old one."""
+    reader = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=record_validators(RUN_ID))
+    swarm = SwarmConfig(
+        run_id=RUN_ID,
+        initial_peers=[str(addr) for addr in reader.get_visible_maddrs()],
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        identity_path=tmp_path / "identity.key",  # created by the first run, as ``vitpeer join`` does
+    )
+    peer_ids, subkeys = [], []
+    try:
+        for run in (1, 2):
+            RSAPrivateKey._process_wide_key = None  # a new process: hivemind has not made its key yet
+            peer = start_dht(swarm)
+            try:
+                reporter = SwarmReporter(peer, RUN_ID)  # signs as hivemind's progress tracker does: the process's key
+                record = reporter.report(step=run, samples_per_second=1.0)
+                assert peer.store(
+                    reporter.key, subkey=reporter.subkey, value=record, expiration_time=get_dht_time() + REPORT_TTL
+                )
+                peer_ids.append(peer.peer_id.to_base58())
+                subkeys.append(reporter.subkey)
+                # the record is on the reader's node, and its signer is the peer id
+                assert wait_for("the record on the reader", lambda run=run: rows_of(reader, run), 30) == [
+                    (peer_ids[-1], run)
+                ]
+            finally:
+                peer.shutdown()  # no goodbye: its record stays, as a killed peer's does
+
+        assert peer_ids[0] == peer_ids[1]
+        assert rows_of(reader, 2) == [(peer_ids[0], 2)]  # still one row: the restart's record replaced the old one
+        assert subkeys[0] == subkeys[1]  # and one subkey for hivemind's progress record: one peer, not two
+    finally:
+        reader.shutdown()

@@ -27,6 +27,9 @@ What each adapter here changes in hivemind, and the private names it touches:
   (``core.swarm.records``).
 - ``GroupSizedAverager``: a plain ``DecentralizedAverager`` with ``_GroupSized`` and ``_CheckedDownload`` (the DiLoCo
   rounds and state, ``core.algorithms.diloco``).
+- ``sign_with_identity`` makes the RSA key of the peer's libp2p identity file hivemind's process-wide signing key,
+  the private class attribute ``RSAPrivateKey._process_wide_key``, holding the loaded key in the private
+  ``_private_key`` (hivemind's constructor only generates new keys).
 - ``use_our_8bit_codec`` puts ``core.averaging.quantization.Blockwise8BitCompression`` into hivemind's private table of
   decoders, ``hivemind.compression.serialization._BASE_COMPRESSION_TYPES``, under the wire name ``UNIFORM_8BIT``.
 """
@@ -39,16 +42,24 @@ import logging
 import multiprocessing as mp
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import hivemind
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from google.protobuf.message import DecodeError
 from hivemind.averaging import allreduce, partition
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.optim import grad_averager, state_averager
+from hivemind.p2p import P2P
+from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
 from vitpeer.peer.core.averaging.aggregation import Aggregation, mean
 from vitpeer.peer.core.averaging.remote_state import StateCheck, StateRefused
+from vitpeer.peer.core.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +267,42 @@ def use_our_8bit_codec() -> None:
     from vitpeer.peer.core.averaging.quantization import Blockwise8BitCompression
 
     serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = Blockwise8BitCompression()
+
+
+def sign_with_identity(identity_path: Path) -> bool:
+    """Sign this process's DHT records with the RSA key of the libp2p identity at ``identity_path``, created first
+    (as hivemind's ``P2P.generate_identity`` writes it) when the file does not exist. Return whether it was created;
+    ConfigError naming the file if it holds no RSA key.
+
+    hivemind signs records (its progress tracker's, our metrics and fingerprints: every ``RSASignatureValidator``
+    built without a key) with ``RSAPrivateKey.process_wide()``, a key it generates anew in every process. So a
+    restarted peer kept its peer id but signed with a new key, and readers keyed by signer (``read_reports``,
+    hivemind's progress tracker, which sizes groups by it) counted its old records as another peer until they
+    expired. Signed with the identity key, a record's signer (``core.swarm.records.signer_id``) is the peer id, the
+    same after a restart: the new records replace the old ones.
+
+    Call it before building any validator (each keeps the key it was built with) and before the DHT process forks
+    (it inherits the key with its class). One process, one identity: a later call with another identity re-keys
+    whatever is built after it. hivemind offers no setter: this sets its private class attribute."""
+    created = not identity_path.is_file()
+    if created:
+        P2P.generate_identity(str(identity_path))  # the file p2pd will read: one key for the peer id and the signer
+    way_out = "delete it: a new RSA identity is created in its place (with a new peer id)"
+    try:
+        identity = crypto_pb2.PrivateKey.FromString(identity_path.read_bytes())
+        kind = crypto_pb2.KeyType.Name(identity.key_type)
+        private = serialization.load_der_private_key(identity.data, password=None) if kind == "RSA" else None
+    except (DecodeError, ValueError) as err:  # not a protobuf, or no DER key in it
+        raise ConfigError(f"swarm.identity_path = {identity_path} is not a libp2p identity ({err}): {way_out}") from err
+    if not isinstance(private, rsa.RSAPrivateKey):
+        raise ConfigError(
+            f"swarm.identity_path = {identity_path} holds a key of type {kind}, and hivemind signs records with RSA "
+            f"keys only: {way_out}"
+        )
+    key = RSAPrivateKey.__new__(RSAPrivateKey)  # its __init__ would generate a key of its own
+    key._private_key = private
+    RSAPrivateKey._process_wide_key = key
+    return created
 
 
 def catch_up_scheduler(averager: state_averager.TrainingStateAverager) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import hivemind
 from hivemind.utils.multiaddr import Multiaddr
 
+from vitpeer.peer.core.averaging.hivemind_averagers import sign_with_identity
 from vitpeer.peer.core.config import SwarmConfig
 from vitpeer.peer.core.runtime.processes import children_die_with_us
 from vitpeer.peer.core.swarm.records import record_validators
@@ -36,8 +37,14 @@ def announce_maddrs(swarm: SwarmConfig) -> list[str]:
 
 
 def start_dht(swarm: SwarmConfig, **extra) -> hivemind.DHT:
-    """Start this peer's DHT node and connect it to ``swarm.initial_peers``; raise RuntimeError with a way out."""
+    """Start this peer's DHT node and connect it to ``swarm.initial_peers``; raise RuntimeError with a way out.
+
+    With ``swarm.identity_path``, this process signs its records with that identity's key (``sign_with_identity``),
+    so their signer is the peer id, the same after a restart."""
     children_die_with_us()
+    fresh_identity = False
+    if swarm.identity_path is not None:  # before the validators are built and the DHT process forks: both keep it
+        fresh_identity = sign_with_identity(swarm.identity_path)
     try:
         return hivemind.DHT(
             initial_peers=swarm.initial_peers,
@@ -45,6 +52,9 @@ def start_dht(swarm: SwarmConfig, **extra) -> hivemind.DHT:
             host_maddrs=listen_maddrs(swarm),
             announce_maddrs=announce_maddrs(swarm),
             identity_path=str(swarm.identity_path) if swarm.identity_path else None,
+            # hivemind asks the initial peers whether an existing identity is taken; one just created cannot be
+            # (hivemind skips the check for the identities it creates itself)
+            check_if_identity_free=not fresh_identity,
             client_mode=swarm.client_mode,  # the swarm optimizer and its averagers take it from here
             use_relay=swarm.use_relay,
             use_auto_relay=swarm.use_auto_relay,

@@ -15,10 +15,11 @@ Both count what they reject; ``rejected_records(dht)`` reads the counts from the
 progress tracker adds the same two validator types later, which merge into ours (hivemind keeps one of each).
 
 A record's identity is the key that signed it, never the ``peer_id`` written inside it: that one is self-declared
-(nothing ties it to the signing key: hivemind signs with a per-process RSA key, not the libp2p identity), so readers
-(``read_reports``) keep one row per signer, named by ``signer_id``, and show ``peer_id`` as a label only. Two keys
-that claim the same ``peer_id`` are two rows. Readers repeat every check themselves: a record may come from a node
-that did not run these validators.
+(nothing checks it against the signing key), so readers (``read_reports``) keep one row per signer, named by
+``signer_id``, and show ``peer_id`` as a label only. Two keys that claim the same ``peer_id`` are two rows. A vitpeer
+node started with an identity file signs with its identity's key (``core.swarm.dht.start_dht``), so an honest peer's
+signer is its peer id, the same after a restart; a node without one signs with a key hivemind makes anew in each
+process. Readers repeat every check themselves: a record may come from a node that did not run these validators.
 """
 
 from __future__ import annotations
@@ -166,8 +167,9 @@ SignerKey = conbytes(regex=rb"\[owner:ssh-rsa [A-Za-z0-9+/]+={0,2}\]\Z")
 def signer_id(subkey: bytes) -> str:
     """The libp2p peer id of the RSA key a subkey names (``[owner:ssh-rsa ...]``): the base58 sha2-256 multihash of
     the key as libp2p's ``PublicKey`` protobuf, the derivation hivemind's ``PeerID.from_identity`` applies to a private
-    key. It equals the record's ``peer_id`` only if the peer signed with its libp2p identity key, which hivemind's
-    signer does not: it is the row's identity, whatever the record claims. ValueError if there is not one RSA key."""
+    key. So a peer that signs with its libp2p identity key (a vitpeer node started with an identity file) has its
+    peer id as its signer id. It is the row's identity, whatever the record claims. ValueError if there is not one
+    RSA key."""
     keys = set(_OWNER.findall(subkey))
     if len(keys) != 1:
         raise ValueError(f"a record's subkey must name one public key, not {len(keys)}")
@@ -314,7 +316,9 @@ def read_reports(dht: hivemind.DHT, run_id: str) -> list[SignedReport]:
             log.warning("ignoring a metrics record of signer %s: %s", report.signer, problem)
             continue
         if report.signer not in newest or report.time > newest[report.signer].time:
-            newest[report.signer] = report  # a restarted peer signs with a new key: a new row until the old expires
+            # a peer restarted with its identity file signs with the same key, so its new record replaced the old
+            # one; a node without one signs with a new key per process: a new row until its old record expires
+            newest[report.signer] = report
     return sorted(newest.values(), key=lambda report: (report.peer_id, report.time))
 
 
