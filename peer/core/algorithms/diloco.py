@@ -38,9 +38,8 @@ Rules that keep the swarm together:
 - A late joiner downloads ``shared``, the outer momentum and the swarm step within ``load_state_timeout`` from the
   peer with the newest swarm step (the state-sharing protocol of hivemind's ``DecentralizedAverager``). A state of
   other shapes or dtypes, with NaN or Inf, or too far ahead (``remote_state.StateCheck``) is refused and the
-  peer with the next priority asked. A peer offers
-  its state only once it has applied a round: peers that start a swarm together do not download each other's
-  untrained state (a whole model each, 18-24 s over a 100 Mbit/s link).
+  peer with the next priority asked. A peer offers its state only once it has applied a round: peers that start a
+  swarm together do not download each other's untrained state (a whole model each, for nothing).
 
 Where it lives: ``diloco_rounds.DiLoCo``, the outer loop (rounds, hand-offs, applying results);
 ``diloco_shared.SharedState``, its shared state (syncs, serving joiners, downloads);

@@ -22,7 +22,7 @@ from vitpeer.peer.core.averaging.hivemind_averagers import GroupSizedAverager
 
 REPORT_EVERY = 0.25
 """Seconds between progress reports. hivemind's tracker stores a signed DHT record at every report; one per local
-step (every ~40 ms with digits_tiny) kept the DHT process busy on the trainer's core. Others' estimates extrapolate
+step kept the DHT process busy on the trainer's core. Others' estimates extrapolate
 from a report with its samples per second, and they fetch at most every 0.5 s, so 0.25 s loses nothing."""
 
 log = logging.getLogger(__name__)

@@ -95,7 +95,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         if not kwargs.get("use_local_updates"):  # hivemind refuses a gradient averager factory with local updates
             # hivemind 1.1.12 forwards averager_opts to the state averager only, though its docstring says both: the
             # gradient averager kept request_timeout = 3 s against a shorter matchmaking_time, which hivemind itself
-            # warns "can cause deadlocks" (a demo peer pair once failed every gradient round for 56 rounds so). The
+            # warns "can cause deadlocks" (a demo peer pair failed every gradient round so). The
             # public factory argument carries them, and our averager class, to the gradient averager.
             factory = kwargs.get("grad_averager_factory") or GradientAverager
             options = dict(kwargs.get("averager_opts") or {})
@@ -154,7 +154,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.tracker.global_progress.num_peers <= 1:
             # alone, hivemind pre-schedules a round only to cancel it when the step comes ("no other peers"); a cancel
             # that landed while a joining peer was matching with this averager once left its matchmaking broken for
-            # the rest of the run (test_prometheus.py, 1 run in 6: neither peer averaged again)
+            # the rest of the run (seen in test_prometheus.py: neither peer averaged again)
             return
         # hivemind pre-schedules the next round's matchmaking here: size the group first (see ``_GroupSized``)
         self._size_groups(self.grad_averager)

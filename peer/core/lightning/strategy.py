@@ -93,7 +93,7 @@ class SwarmSteps:
             )
         if self.swarm.overlap and self.leader:
             log.warning(
-                "swarm.overlap is experimental: in our 2-peer runs the swarm did not learn with it (README, known "
+                "swarm.overlap is experimental: a swarm does not learn with it yet (README, known "
                 "limits); train without --overlap unless you are working on it"
             )
         use_our_8bit_codec()  # before any averager process forks: they decode what peers send with it
