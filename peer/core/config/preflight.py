@@ -29,11 +29,7 @@ from functools import cache
 from pathlib import Path
 
 from vitpeer.peer.core.config import ALGORITHMS, ConfigError, RunConfig, SwarmConfig, algorithm_named
-
-DATA_DIR_SOURCES = ("cifar10", "cifar100", "imagefolder")
-"""Sources that read their files from ``data.data_dir`` and cannot run without it."""
-DOWNLOADABLE = ("cifar10", "cifar100")
-"""Sources that may fetch their files into ``data.data_dir`` (``data.download``); ``hf:`` too, into its cache."""
+from vitpeer.peer.core.config.sections import DATA_DIR_SOURCES, DOWNLOADABLE
 
 
 def check_run(config: RunConfig, *, swarm: bool) -> None:

@@ -39,6 +39,14 @@ class ModelConfig(Section):
         return self
 
 
+SOURCES = ("digits", "cifar10", "cifar100", "imagefolder")
+"""The named data sources ``data.source`` takes, besides ``hf:<dataset name>`` (``core.data.sources`` loads them)."""
+DATA_DIR_SOURCES = ("cifar10", "cifar100", "imagefolder")
+"""Sources that read their files from ``data.data_dir`` and cannot run without it."""
+DOWNLOADABLE = ("cifar10", "cifar100")
+"""Sources that may fetch their files into ``data.data_dir`` (``data.download``); ``hf:`` too, into its cache."""
+
+
 class DataConfig(Section):
     source: str = "digits"
     """``digits`` (embedded, no network), ``cifar10``, ``cifar100``, ``imagefolder`` or ``hf:<dataset name>``."""
@@ -64,10 +72,9 @@ class DataConfig(Section):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        known = ("digits", "cifar10", "cifar100", "imagefolder")
-        if value in known or (value.startswith("hf:") and len(value) > 3):
+        if value in SOURCES or (value.startswith("hf:") and len(value) > 3):
             return value
-        raise ValueError(f"unknown data source {value!r}; expected one of {', '.join(known)} or hf:<dataset name>")
+        raise ValueError(f"unknown data source {value!r}; expected one of {', '.join(SOURCES)} or hf:<dataset name>")
 
 
 class OptimConfig(Section):

@@ -12,6 +12,7 @@ import torchvision
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from vitpeer.peer.core.config import DataConfig
+from vitpeer.peer.core.config.sections import SOURCES
 from vitpeer.peer.core.data.huggingface import hf_columns, load_hf, open_hf, pick_hf_splits
 from vitpeer.peer.core.data.splits import ArraySource, FileSource, Loaded, Part, split_indices, whole
 
@@ -164,7 +165,7 @@ def load_splits(config: DataConfig) -> Loaded:
     if config.source.startswith("hf:"):
         return load_hf(config)
     raise ValueError(
-        f"unknown data source {config.source!r}; expected digits, cifar10, cifar100, imagefolder or hf:<name>"
+        f"unknown data source {config.source!r}; expected one of {', '.join(SOURCES)} or hf:<dataset name>"
     )
 
 
