@@ -5,8 +5,10 @@ STAMP := $(VENV)/.installed
 # Debian's prometheus package (prometheus + promtool) unpacked here, not installed: the monitor tests run them
 PROM := .tools/prometheus/usr/bin
 
-# ruff, then the layer contracts in pyproject.toml ([tool.importlinter]; no cache folder left behind)
-LINT = $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports --no-cache
+# ruff, then the layer contracts in pyproject.toml ([tool.importlinter]; no cache folder left behind), then the type
+# checker on peer/, coordinator/ and monitor/ ([tool.basedpyright]; it keeps no cache, every run is a full check)
+LINT = $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports --no-cache \
+	&& $(VENV)/bin/basedpyright
 
 # Debian packages the tests use, installed with apt-get when missing (as root; without them those tests skip, saying
 # so): podman, runc and debootstrap (and podman's network helpers) for the image test

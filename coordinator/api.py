@@ -115,7 +115,8 @@ class _CachedFile:
 
 
 def _asset(name: str, content_type: str) -> Route:
-    body = files("vitpeer.coordinator").joinpath("web", name).read_bytes()
+    # one part per joinpath: a Traversable takes no more before Python 3.11 (a zip or namespace package's)
+    body = files("vitpeer.coordinator").joinpath("web").joinpath(name).read_bytes()
     return lambda: (content_type, body)
 
 

@@ -47,7 +47,7 @@ from vitpeer.peer.core.averaging.events import SwarmEvents
 from vitpeer.peer.core.swarm.records import vitpeer_version
 
 if TYPE_CHECKING:
-    from vitpeer.peer.core.lightning.strategy import HivemindStrategy
+    from vitpeer.peer.core.lightning import PeerStrategy
     from vitpeer.peer.core.swarm.reporter import SwarmReporter
 
 ROUND_OUTCOMES = ("averaged", "failed", "alone")
@@ -127,7 +127,7 @@ class PeerExporter(SwarmEvents):
         super().batch_skipped(reason)
         self.skipped.labels(reason).inc()
 
-    def watch(self, peer_id: str, run_id: str, strategy: HivemindStrategy, reporter: SwarmReporter) -> None:
+    def watch(self, peer_id: str, run_id: str, strategy: PeerStrategy, reporter: SwarmReporter) -> None:
         self.registry.register(InfoCollector(peer_id, run_id, strategy.strategy_name, strategy.swarm.algorithm))
         self.registry.register(TrainingCollector(strategy, reporter))
 
@@ -135,7 +135,7 @@ class PeerExporter(SwarmEvents):
 class TrainingCollector(Collector):
     """This peer's training numbers, read from the strategy's optimizer and the DHT reporter when scraped."""
 
-    def __init__(self, strategy: HivemindStrategy, reporter: SwarmReporter):
+    def __init__(self, strategy: PeerStrategy, reporter: SwarmReporter):
         self.strategy, self.reporter = strategy, reporter
 
     def collect(self) -> Iterator[Metric]:

@@ -121,17 +121,17 @@ class HostCollector(Collector):
         yield GaugeMetricFamily("vitpeer_gpus", "GPUs this process reports (0: a CPU host)", value=len(readings))
         if self.nvml is not None:
             yield CounterMetricFamily("vitpeer_nvml_errors", "NVML readings that failed", value=self.nvml.errors)
-            yield from self._gpu_families(readings)
+            yield from self._gpu_families(readings, self.nvml.driver)
         yield GaugeMetricFamily(
             "vitpeer_process_cpu_utilization_ratio",
             "CPU time this process used per wall second since the previous scrape, as a share of its usable cores",
             value=self._cpu_ratio(),
         )
 
-    def _gpu_families(self, readings: list[GpuReading]) -> Iterator[Metric]:
+    def _gpu_families(self, readings: list[GpuReading], driver: str) -> Iterator[Metric]:
         info = GaugeMetricFamily("vitpeer_gpu_info", "A GPU of this host", labels=["gpu", "uuid", "name", "driver"])
         for reading in readings:
-            info.add_metric([str(reading.index), reading.uuid, reading.name, self.nvml.driver], 1)
+            info.add_metric([str(reading.index), reading.uuid, reading.name, driver], 1)
         yield info
         helps = {
             "utilization_ratio": "Share of the last sample period a kernel ran on the GPU",

@@ -21,8 +21,8 @@ class Commands(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(point.name for point in entry_points(group=ENTRY_POINTS))
 
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        found = entry_points(group=ENTRY_POINTS, name=name)
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = entry_points(group=ENTRY_POINTS, name=cmd_name)
         return next(iter(found)).load() if found else None
 
     def invoke(self, ctx: click.Context) -> Any:

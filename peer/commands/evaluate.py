@@ -70,7 +70,12 @@ def run_evaluate(checkpoint: Path, config: RunConfig, split: str = "test") -> di
         predictions += logits.argmax(dim=1).cpu().tolist()
     names = data.class_names or [str(index) for index in range(classes)]
     report = classification_report(
-        labels, predictions, labels=list(range(classes)), target_names=names, digits=4, zero_division=0
+        labels,
+        predictions,
+        labels=list(range(classes)),
+        target_names=names,
+        digits=4,
+        zero_division=0,  # pyright: ignore[reportArgumentType]  # unannotated in sklearn: inferred str from "warn"
     )
     return {
         "checkpoint": str(checkpoint),

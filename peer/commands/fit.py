@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,8 @@ def checkpoints(out: Path, best: int = 0) -> list[ModelCheckpoint]:
 
 def best_checkpoint(trainer: pl.Trainer) -> str:
     """The path of the best checkpoint by ``val/loss`` so far, or "" when none was kept."""
-    return next((cb.best_model_path for cb in trainer.checkpoint_callbacks if cb.monitor == "val/loss"), "")
+    ranked = (cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor == "val/loss")
+    return next((cb.best_model_path for cb in ranked), "")
 
 
 class RunStats(pl.Callback):
@@ -106,7 +108,7 @@ class RunStats(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         self.samples += extract_batch_size(batch)
         self.epoch_batches += 1
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if loss is not None:
             self.loss_sum += float(loss) * trainer.accumulate_grad_batches  # Lightning divided it by them
             self.batches += 1
@@ -124,7 +126,8 @@ class RunStats(pl.Callback):
         runtime = float(strategy.reduce(torch.tensor(self.runtime, device=device), reduce_op="max"))
         mean_loss = self.loss_sum / self.batches if self.batches else float("nan")
         train_loss = float(strategy.reduce(torch.tensor(mean_loss, device=device), reduce_op="mean"))
-        train_set = getattr(trainer.datamodule, "train_set", None)
+        datamodule = trainer.datamodule  # pyright: ignore[reportAttributeAccessIssue]  # Lightning sets it undeclared
+        train_set = getattr(datamodule, "train_set", None)
         full = trainer.num_training_batches
         complete = [seconds for seconds, batches in self.epochs if batches == full]  # max_steps may cut the last
         memory: dict[str, int | None] = {"peak_memory_allocated_bytes": None, "peak_memory_reserved_bytes": None}

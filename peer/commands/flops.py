@@ -136,7 +136,7 @@ def random_timm_model(name: str, img_size: int | None, num_classes: int) -> torc
         close = difflib.get_close_matches(name, timm.list_models(), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(f"unknown timm model {name!r}; {hint}list the ViTs with timm.list_models('vit_*')")
-    size = {"img_size": img_size} if img_size else {}
+    size: dict[str, Any] = {"img_size": img_size} if img_size else {}
     try:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes, **size)
     except TypeError as err:
@@ -183,9 +183,10 @@ def profile_model(
     target = check_device(device)
     import timm
     import torch
+    from timm.data.config import resolve_model_data_config  # timm.data does not re-export it to type checkers
 
     model = random_timm_model(name, img_size, num_classes)
-    channels, height, width = timm.data.resolve_model_data_config(model)["input_size"]
+    channels, height, width = resolve_model_data_config(model)["input_size"]
     if img_size:
         height = width = img_size
     model = model.to(target)

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -35,6 +35,9 @@ from vitpeer.peer.core.swarm.dht import data_order_seed, join_hint, reachable_ma
 from vitpeer.peer.core.swarm.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
 from vitpeer.peer.core.swarm.records import RunFingerprint
 from vitpeer.peer.core.swarm.reporter import SwarmReporter
+
+if TYPE_CHECKING:
+    from vitpeer.peer.core.lightning import PeerStrategy
 
 log = logging.getLogger(__name__)
 
@@ -148,16 +151,18 @@ class SwarmMembership:
         self.fingerprint = run_fingerprint(net, self.config, classes)
         refuse_mismatch(self.dht, self.config.swarm.run_id, self.fingerprint)
 
-    def start_reporting(self, strategy: SwarmSteps) -> list[pl.Callback]:
+    def start_reporting(self, strategy: PeerStrategy) -> list[pl.Callback]:
         """The callbacks that keep this peer's records in the DHT (its signed metrics, once per swarm step, and the
         run's fingerprint); with ``monitor.port``, the Prometheus endpoint that serves what the strategy reports."""
+        if self.fingerprint is None:
+            raise RuntimeError("start_reporting needs the fingerprint: call refuse_another_model first")
         run_id = self.config.swarm.run_id
         self.reporter = SwarmReporter(self.dht, run_id)
         keeper = FingerprintKeeper(self.dht, run_id, self.fingerprint)
         keeper.start()
-        if self.exporter is not None:
+        monitor = self.config.monitor
+        if self.exporter is not None and monitor.port is not None:  # there is an exporter when there is a port
             self.exporter.watch(self.dht.peer_id.to_base58(), run_id, strategy, self.reporter)
-            monitor = self.config.monitor
             self.metrics_server = MetricsServer(self.exporter.registry, monitor.addr, monitor.port)
         return [self.reporter, keeper]
 
@@ -179,6 +184,8 @@ class SwarmMembership:
 
     def contribution(self, trainer: pl.Trainer, strategy: SwarmSteps) -> dict[str, Any]:
         """Who this peer is and what it gave the swarm, for the results."""
+        if self.reporter is None:
+            raise RuntimeError("contribution needs the reporter: call start_reporting first")
         return {
             "peer_id": self.dht.peer_id.to_base58(),
             "local_ranks": trainer.world_size,
@@ -194,7 +201,7 @@ class SwarmMembership:
         self.dht.shutdown()
 
 
-def make_strategy(config: RunConfig, swarm: SwarmMembership | None) -> SwarmSteps:
+def make_strategy(config: RunConfig, swarm: SwarmMembership | None) -> PeerStrategy:
     """One device, or this host's ``parallel.devices`` as one peer (DDP or FSDP inside the host). Local rank 0 hands
     the strategy its DHT node and its metrics sink; the other ranks have neither."""
     dht, events = (swarm.dht, swarm.exporter) if swarm is not None else (None, None)

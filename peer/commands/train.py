@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.strategies import ModelParallelStrategy
 from safetensors.torch import save_file
@@ -40,7 +41,9 @@ def save_final_weights(trainer: pl.Trainer, module: ImageClassifier, path: Path)
     """The trained network's full state dict as safetensors: under FSDP gathered to global rank 0 (every rank takes
     part), otherwise written by each node's first process from its own replica."""
     if isinstance(trainer.strategy, ModelParallelStrategy):
-        state = get_model_state_dict(module.net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # torch types the values as any state's (ints, lists...); a model's state dict holds tensors only
+        state: dict[str, torch.Tensor] = get_model_state_dict(module.net, options=options)  # pyright: ignore[reportAssignmentType]
         writer = trainer.is_global_zero
     else:
         state, writer = module.net.state_dict(), trainer.local_rank == 0

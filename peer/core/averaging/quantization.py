@@ -51,14 +51,20 @@ class Blockwise8BitCompression(CompressionBase):
     """hivemind's compression interface over ``quantize``/``dequantize``. Wire layout of ``Tensor.buffer``: int64
     block count, float32 scales, int8 codes."""
 
-    compression_type = runtime_pb2.UNIFORM_8BIT
+    # the ignores below: protobuf makes runtime_pb2's names at import, hivemind ships no .pyi: no checker sees them
+    compression_type = runtime_pb2.UNIFORM_8BIT  # pyright: ignore[reportAttributeAccessIssue]
 
-    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+    def compress(
+        self,
+        tensor: torch.Tensor,
+        info: CompressionInfo,
+        allow_inplace: bool = False,
+    ) -> runtime_pb2.Tensor:  # pyright: ignore[reportAttributeAccessIssue]
         if not torch.is_floating_point(tensor):
             raise ValueError(f"8-bit compression takes floating-point tensors, got {tensor.dtype}")
         codes, scales = quantize(tensor)
         header = np.array([scales.numel()], dtype=np.int64).tobytes()
-        return runtime_pb2.Tensor(
+        return runtime_pb2.Tensor(  # pyright: ignore[reportAttributeAccessIssue]
             compression=self.compression_type,
             buffer=header + scales.numpy().tobytes() + codes.numpy().tobytes(),
             size=tensor.shape,
@@ -66,7 +72,7 @@ class Blockwise8BitCompression(CompressionBase):
             requires_grad=tensor.requires_grad,
         )
 
-    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:  # pyright: ignore[reportAttributeAccessIssue]
         buffer = serialized_tensor.buffer
         blocks = int(np.frombuffer(buffer, dtype=np.int64, count=1)[0])
         scales = np.frombuffer(buffer, dtype=np.float32, count=blocks, offset=8)

@@ -20,7 +20,7 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.optim.progress_tracker import TrainingProgressSchema
-from hivemind.utils import nested_flatten
+from hivemind.utils import MPFuture, nested_flatten
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,9 @@ def others_newest_epoch(dht: hivemind.DHT, run_id: str, timeout: float = 10.0) -
     hivemind's ``ProgressTracker`` publishes, ``<run_id>_progress``; both algorithms use it); None without any, or
     when the DHT does not answer within ``timeout`` s."""
     try:
-        found = dht.get(f"{run_id}_progress", latest=True, return_future=True).result(timeout=timeout)
+        # hivemind types get() as "a value or a future" whichever return_future is; with it, the future
+        future: MPFuture = dht.get(f"{run_id}_progress", latest=True, return_future=True)  # pyright: ignore[reportAssignmentType]
+        found = future.result(timeout=timeout)
     except Exception as err:
         log.warning("could not read the swarm's progress (%r): downloads are bounded by max_steps alone", err)
         return None

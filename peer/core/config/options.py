@@ -148,7 +148,10 @@ def config_field(model: type[BaseModel], key: str) -> FieldInfo:
     """The field a dotted ``key`` names in ``model`` (``trainer.max_steps``: ``TrainerConfig.max_steps``)."""
     *sections, name = key.split(".")
     for section in sections:
-        model = model.model_fields[section].annotation
+        inner = model.model_fields[section].annotation
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            raise KeyError(f"{key}: {model.__name__}.{section} is a value, not a section with fields")
+        model = inner
     if name not in model.model_fields:
         raise KeyError(f"{key}: {model.__name__} has no field {name!r}; its fields: {', '.join(model.model_fields)}")
     return model.model_fields[name]

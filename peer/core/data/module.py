@@ -7,7 +7,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from timm.data import create_transform
+from timm.data.transforms_factory import create_transform  # timm.data does not re-export it to type checkers
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vitpeer.peer.core.config import DataConfig
@@ -48,7 +48,8 @@ def build_transforms(image_config: dict[str, Any], source: str, augment: bool = 
         crop_pct=image_config.get("crop_pct"),
         crop_mode=image_config.get("crop_mode"),
     )
-    return (train if augment else evaluate), evaluate
+    # timm's create_transform returns a tuple of transforms only with separate=True, which neither call passes
+    return (train if augment else evaluate), evaluate  # pyright: ignore[reportReturnType]
 
 
 KEEP_BYTES = 256 * 2**20

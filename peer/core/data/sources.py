@@ -55,8 +55,10 @@ def required_dir(path: Path, expected: str) -> Path:
 
 def _load_digits(config: DataConfig) -> Loaded:
     from sklearn.datasets import load_digits
+    from sklearn.utils import Bunch
 
-    digits = load_digits()
+    # unannotated in sklearn, inferred as a Bunch or an (X, y) tuple; without return_X_y it is the Bunch
+    digits: Bunch = load_digits()  # pyright: ignore[reportAssignmentType]
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
     source = ArraySource(images, digits.target)
     train, val, test = split_indices(source.labels, config.val_fraction, config.test_fraction, config.split_seed)

@@ -11,6 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+Ints = Sequence[int] | np.ndarray
+"""Labels or indices: a list of ints or a 1-D integer array (what numpy and the data sets hand over)."""
+
 
 class ImageSource(Protocol):
     """Indexable labelled images: ``labels[i]`` is the class of ``image(i)``."""
@@ -23,7 +26,7 @@ class ImageSource(Protocol):
 class ArraySource:
     """Images held in memory as uint8, N x H x W (grayscale) or N x H x W x 3."""
 
-    def __init__(self, images: np.ndarray, labels: Sequence[int]) -> None:
+    def __init__(self, images: np.ndarray, labels: Ints) -> None:
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
 
@@ -34,7 +37,7 @@ class ArraySource:
 class FileSource:
     """Image files on disk, read with PIL."""
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int]) -> None:
+    def __init__(self, paths: Sequence[str], labels: Ints) -> None:
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
 
@@ -52,7 +55,7 @@ class ImageSplit(Dataset):
     def __init__(
         self,
         source: ImageSource,
-        indices: Sequence[int],
+        indices: Ints,
         transform: Callable[[Image.Image], Any],
         keep: bool = False,
     ) -> None:
@@ -79,7 +82,7 @@ class ImageSplit(Dataset):
 
 
 def split_indices(
-    labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int
+    labels: Ints, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stratified train/val/test indices of ``labels``, the same for the same seed on every machine.
 

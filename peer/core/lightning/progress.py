@@ -30,7 +30,8 @@ class ProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate)
         self._samples, self._started = 0, None
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    # the bar's base declares (self, *_) where Callback, which Lightning calls it as, declares (trainer, pl_module)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
         super().on_train_start(trainer, pl_module)
         self._samples, self._started = 0, time.monotonic()
 

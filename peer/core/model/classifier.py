@@ -12,9 +12,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import timm
-import timm.data
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
+from timm.data.config import resolve_data_config  # timm.data does not re-export it to type checkers
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torchmetrics.classification import MulticlassAccuracy
@@ -46,7 +47,7 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
 
 def image_config(net: nn.Module, config: ModelConfig) -> dict:
     """timm's preprocessing for ``net`` (size, mean, std, crop), at ``config.img_size`` when that is set."""
-    resolved = timm.data.resolve_data_config(model=net)
+    resolved = resolve_data_config(model=net)
     if config.img_size is not None:
         resolved["input_size"] = (resolved["input_size"][0], config.img_size, config.img_size)
     return resolved
@@ -114,7 +115,10 @@ class ImageClassifier(pl.LightningModule):
     def configure_model(self) -> None:
         """Under FSDP, shard the network over the ranks once the process group exists; otherwise nothing to do."""
         if self.shard is not None:
-            self.shard(self.net, self.device_mesh["data_parallel"])
+            mesh = self.device_mesh  # set by ModelParallelStrategy: fsdp, the one setting that passes a shard
+            if mesh is None:
+                raise RuntimeError("ImageClassifier(shard=...) needs ModelParallelStrategy (parallel.strategy='fsdp')")
+            self.shard(self.net, mesh["data_parallel"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -141,7 +145,7 @@ class ImageClassifier(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_acc)
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """AdamW without weight decay on biases and norms; LambdaLR so the rate is a function of the step alone."""
         decay, no_decay = [], []
         for param in self.net.parameters():

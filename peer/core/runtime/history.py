@@ -106,7 +106,8 @@ class History(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         self._batches += 1
-        due = self._batches % max(1, trainer.log_every_n_steps) == 0
+        every = trainer.log_every_n_steps  # pyright: ignore[reportAttributeAccessIssue]  # Lightning sets it undeclared
+        due = self._batches % max(1, every) == 0
         self._pending = (self._batches, self._elapsed(), due)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -29,8 +29,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +147,8 @@ class _Server(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
-    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+    # a TCP server's request is a socket; typeshed's BaseServer also allows a UDP server's (bytes, socket) pair
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
         with self.lock:
             admitted = len(self.open) < self.max_connections
             if admitted:
@@ -163,7 +168,7 @@ class _Server(ThreadingHTTPServer):
             pass
         self.shutdown_request(request)
 
-    def shutdown_request(self, request: socket.socket) -> None:
+    def shutdown_request(self, request: socket.socket) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]  # a socket, as above
         """Free the connection's slot before closing it, so a client that saw the close finds the slot free."""
         with self.lock:
             self.open.discard(request)
@@ -178,7 +183,7 @@ class _Server(ThreadingHTTPServer):
             except OSError:  # closed meanwhile
                 pass
 
-    def handle_error(self, request: socket.socket, client_address: tuple) -> None:
+    def handle_error(self, request: socket.socket, client_address: tuple) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]  # as above
         """A client that went away mid-answer is its own business: no traceback on stderr."""
         log.debug("http connection from %s failed", client_address[0], exc_info=True)
 
@@ -197,7 +202,7 @@ class _DeadlineReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("request not received in time")
@@ -208,7 +213,7 @@ class _DeadlineReader(io.RawIOBase):
 class _Handler(BaseHTTPRequestHandler):
     """One request: refuse what a read-only server never needs, then answer from ``server.routes``."""
 
-    server: _Server
+    server: _Server  # pyright: ignore[reportIncompatibleVariableOverride]  # typeshed: any BaseServer; ours: _Server's
     error_message_format = "%(code)d %(message)s\n"  # http.server's own refusals (400, 414, 431) in one line too
     error_content_type = "text/plain; charset=utf-8"
 
@@ -216,7 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
         return "vitpeer"  # not the Python version
 
     def setup(self) -> None:
-        self.timeout = self.server.request_timeout
+        # typeshed calls timeout a ClassVar; StreamRequestHandler.setup reads self.timeout, so this server's wins
+        self.timeout = self.server.request_timeout  # pyright: ignore[reportAttributeAccessIssue]
         super().setup()
         self.rfile.close()  # the socket stays open; its reader is replaced by one with a deadline
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, time.monotonic() + self.timeout))

@@ -44,6 +44,8 @@ def _die_with_parent(_: object) -> None:
 class _Lifetime:
     """Anchor for the after-fork hook (multiprocessing keeps registered objects by weak reference)."""
 
+    registered = False
+
 
 _LIFETIME = _Lifetime()
 
@@ -54,7 +56,7 @@ def children_die_with_us() -> None:
     Without it a killed peer or coordinator leaves its DHT process and p2p daemon running, still holding its port
     and identity, so a restart on the same --host-port fails and other peers keep seeing a ghost peer.
     """
-    if not getattr(_LIFETIME, "registered", False):
+    if not _LIFETIME.registered:
         multiprocessing.util.register_after_fork(_LIFETIME, _die_with_parent)
         _LIFETIME.registered = True
 
@@ -127,7 +129,7 @@ def adopting_orphans() -> Iterator[None]:
         for pid, name in descendants(os.getpid()):
             if name == "p2pd" and pid not in before:
                 kill_and_reap(pid)
-        if adopted:
+        if adopted and libc is not None:  # adopted: libc was loaded
             libc.prctl(PR_SET_CHILD_SUBREAPER, previous.value)
 
 

@@ -21,7 +21,7 @@ import hivemind
 import pytorch_lightning as pl
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.utils import get_dht_time
+from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from vitpeer.peer.core.config import ConfigError, RunConfig
 from vitpeer.peer.core.model import image_config
@@ -92,7 +92,8 @@ def run_fingerprint(net: torch.nn.Module, config: RunConfig, classes: int, setti
 
 def read_fingerprints(dht: hivemind.DHT, run_id: str) -> list[RunFingerprint]:
     """The live fingerprints of a run's peers (and coordinator); goodbyes (None) and malformed values are skipped."""
-    found = dht.get(fingerprint_key(run_id), latest=True)
+    # hivemind types get() as "a value or a future" whichever return_future is; without it, the value (or None)
+    found: ValueWithExpiration[Any] | None = dht.get(fingerprint_key(run_id), latest=True)  # pyright: ignore[reportAssignmentType]
     if found is None or not isinstance(found.value, dict):
         return []
     prints = []

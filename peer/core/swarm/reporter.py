@@ -18,16 +18,18 @@ import math
 import os
 import platform
 import time
-from typing import Any
+from typing import Any, Protocol, cast
 
 import hivemind
 import pytorch_lightning as pl
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import get_dht_time
 from pytorch_lightning.utilities.data import extract_batch_size
 
 from vitpeer.peer.core.averaging.events import SwarmEvents, SwarmTotals
+from vitpeer.peer.core.config import SwarmConfig
 from vitpeer.peer.core.swarm.records import (
     MAX_LOSS,
     MAX_SAMPLES_PER_SECOND,
@@ -45,6 +47,32 @@ def hardware_summary() -> str:
     if torch.cuda.is_available():
         return f"cuda: {torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
     return f"cpu: {os.cpu_count()} cores ({platform.machine()})"
+
+
+class _SwarmOptimizer(Protocol):
+    """What the reporter reads of the optimizer a swarm strategy steps (``SwarmOptimizer`` or ``DiLoCoOptimizer``)."""
+
+    events: SwarmEvents
+
+    @property
+    def local_epoch(self) -> int: ...
+
+    @property
+    def local_progress(self) -> LocalTrainingProgress: ...
+
+
+class _SwarmStrategy(Protocol):
+    """What the reporter reads of the strategy it runs under: ``core.lightning.strategy.SwarmSteps``, a layer above
+    this one, so named here by its shape rather than imported."""
+
+    swarm: SwarmConfig
+
+    @property
+    def optimizer(self) -> _SwarmOptimizer: ...
+
+
+def _swarm_strategy(trainer: pl.Trainer) -> _SwarmStrategy:
+    return cast(_SwarmStrategy, trainer.strategy)  # join trains with the swarm strategy only
 
 
 class SwarmReporter(pl.Callback):
@@ -68,8 +96,9 @@ class SwarmReporter(pl.Callback):
         self._step_started, self._step_wait = 0.0, 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.algorithm = trainer.strategy.swarm.algorithm
-        self.events = trainer.strategy.optimizer.events
+        strategy = _swarm_strategy(trainer)
+        self.algorithm = strategy.swarm.algorithm
+        self.events = strategy.optimizer.events
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
         self._step_started, self._step_wait = time.perf_counter(), self.events.snapshot().wait_seconds
@@ -84,7 +113,7 @@ class SwarmReporter(pl.Callback):
         if math.isfinite(loss):
             self.window_loss += loss * size
             self.window_samples += size
-        opt = trainer.strategy.optimizer
+        opt = _swarm_strategy(trainer).optimizer
         if opt.local_epoch != self.reported_step or time.monotonic() - self.reported_at > REPORT_EVERY:
             self.publish(opt.local_epoch, opt.local_progress.samples_per_second)
 
