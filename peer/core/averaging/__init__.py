@@ -5,6 +5,7 @@
   ``hivemind.Optimizer`` of the ``gradient`` algorithm);
 - ``aggregation``: the aggregation seam, the rule that turns the parts peers send in a round into the part they
   receive (``swarm.aggregation``);
+- ``poison_guard``: the one guard that keeps a local batch with NaN or Inf gradients out of the swarm;
 - ``remote_state``: the one check a downloaded state passes before anyone takes it;
 - ``events``: ``SwarmEvents``, what a swarm optimizer reports (rounds, downloads, skipped batches, time blocked);
 - ``quantization``: vitpeer's 8-bit codec for averaged tensors.
