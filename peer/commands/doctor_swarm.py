@@ -113,8 +113,8 @@ def check_reachability(initial_peers: Sequence[str], client_mode: bool) -> list[
     (10.x, 192.168.x, 100.64.x, ...) means a NAT between, so peers on the internet cannot open connections to it.
 
     Nothing is sent (a UDP ``connect`` only picks the route). Peers on this host or on a private network are not
-    judged: they share the network. Behind NAT, join with --client-mode (measured: trains and averages through a
-    public peer) or forward the port.
+    judged: they share the network. Behind NAT, join with --client-mode (such a peer trains and averages through a
+    public one: ``tests/peer/test_nat.py``) or forward the port.
     """
     if client_mode:
         return [Check("reachability", "ok", "client mode: you only dial out, so no one needs to reach you")]
