@@ -2,8 +2,8 @@
 
 Shared by the multi-process tests (``tests/coordinator``, ``tests/monitor``); importable because pytest puts
 ``tests/`` (the root conftest's directory) on ``sys.path``. Callers stop what they start with the library's
-``vitpeer.peer.core.processes.stop_all`` in a ``finally`` block; the session fixture in ``conftest.py`` reaps anything
-left.
+``vitpeer.peer.core.runtime.processes.stop_all`` in a ``finally`` block; the session fixture in ``conftest.py`` reaps
+anything left.
 """
 
 from __future__ import annotations
