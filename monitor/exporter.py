@@ -54,7 +54,8 @@ ROUND_OUTCOMES = ("averaged", "failed", "alone")
 DOWNLOAD_OUTCOMES = ("loaded", "current", "failed", "refused")
 SKIP_REASONS = ("nonfinite", "behind")
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
-"""Seconds: a loopback round of a small model takes ~0.1 s, a ViT-B round over the internet tens of seconds."""
+"""Seconds, from a loopback round of a small model (a fraction of a second) to a ViT-B round over the internet (tens
+of seconds)."""
 
 
 class InfoCollector(Collector):

@@ -1,10 +1,17 @@
-"""A malicious peer's DHT validator for the tests: several RSA keys in one node, records signed by hand."""
+"""A malicious peer for the tests: a DHT validator holding several RSA keys that signs records by hand, and a node of
+the attacker's joined to a node under test."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.crypto import RSAPrivateKey
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 
 class Keyring(RecordValidatorBase):
@@ -23,3 +30,23 @@ class Keyring(RecordValidatorBase):
 
     def validate(self, record: DHTRecord) -> bool:
         return True
+
+
+@contextmanager
+def guarded_and_attacker(
+    guard: Sequence[RecordValidatorBase], attack: Sequence[RecordValidatorBase] = ()
+) -> Iterator[tuple[hivemind.DHT, hivemind.DHT]]:
+    """A DHT node on loopback with ``guard`` as its record validators (the node under test), and an attacker's node
+    joined to it with ``attack`` as its own; both shut down on the way out."""
+    guarded = hivemind.DHT(start=True, host_maddrs=LOOPBACK, record_validators=list(guard))
+    try:
+        initial_peers = [str(addr) for addr in guarded.get_visible_maddrs()]
+        attacker = hivemind.DHT(
+            start=True, host_maddrs=LOOPBACK, initial_peers=initial_peers, record_validators=list(attack)
+        )
+        try:
+            yield guarded, attacker
+        finally:
+            attacker.shutdown()
+    finally:
+        guarded.shutdown()

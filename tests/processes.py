@@ -2,8 +2,8 @@
 
 Shared by the multi-process tests (``tests/coordinator``, ``tests/monitor``); importable because pytest puts
 ``tests/`` (the root conftest's directory) on ``sys.path``. Callers stop what they start with the library's
-``vitpeer.peer.core.processes.stop_all`` in a ``finally`` block; the session fixture in ``conftest.py`` reaps anything
-left.
+``vitpeer.peer.core.runtime.processes.stop_all`` in a ``finally`` block; the session fixture in ``conftest.py`` reaps
+anything left.
 """
 
 from __future__ import annotations
@@ -115,3 +115,23 @@ def printed(log: Path, pattern: str) -> str | None:
 def peer_id(tmp_path: Path, index: int) -> str | None:
     """The peer id a running peer printed in its join hint (the /p2p/ part of its address)."""
     return printed(tmp_path / f"peer-{index}" / "log.txt", r"others join with: .*?/p2p/(\w+)")
+
+
+def rejoin(
+    peers: list[subprocess.Popen], index: int, tmp_path: Path, coordinator: Coordinator, past: int, timeout: float
+) -> int:
+    """Start peer ``index`` against ``coordinator`` (added to ``peers``, which the caller stops) and wait until it has
+    loaded the swarm's state and trained on past swarm step ``past`` (within ``timeout`` s); the step it loaded."""
+    peers.append(peer(index, tmp_path, coordinator))
+    log = tmp_path / f"peer-{index}" / "log.txt"
+    loaded = wait_for(
+        f"peer {index} to load the state", lambda: printed(log, r"loaded the swarm's state at step (\d+)"), 90
+    )
+    joined = wait_for(f"peer {index}'s id", lambda: peer_id(tmp_path, index), 10)
+    wait_for(
+        f"peer {index} to train on past swarm step {past}",
+        lambda: listed(coordinator.status()).get(joined, {}).get("step", -1) > past,
+        timeout,
+        every=1,
+    )
+    return int(loaded)

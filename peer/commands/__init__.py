@@ -6,6 +6,9 @@
   run's numbers and ``all_results.json``;
 - ``extend``: the real ``vitpeer join`` command line with callbacks of one's own (``run_join``'s ``extra_callbacks``),
   for benchmarks and test faults;
-- ``demo``: a local swarm of ``join`` processes; ``doctor``: host checks; ``evaluate``: a checkpoint on a held-out
-  split; ``flops``: ``vitpeer profile``.
+- ``doctor``: ``vitpeer doctor``, its checks in order and their report; ``doctor_host``: the checks of this host
+  (Python, torch and its GPUs, hivemind's import, ports); ``doctor_swarm``: the checks of the swarm (the p2p daemon,
+  the initial peers, reachability, the coordinator);
+- ``demo``: a local swarm of ``join`` processes; ``evaluate``: a checkpoint on a held-out split; ``flops``:
+  ``vitpeer profile``.
 """

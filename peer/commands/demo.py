@@ -25,7 +25,7 @@ import hivemind
 
 from vitpeer.peer.core.runtime.processes import stop_all
 
-OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d vitpeer ")  # the format core.options.setup_logging gives our own records
+OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d vitpeer ")  # the format core.config.options.setup_logging gives our own records
 CHECKPOINT_EVERY = 10
 """Swarm steps between the demo coordinator's checkpoints (the demo config trains 30): its page shows three
 evaluations and offers the best model for download."""

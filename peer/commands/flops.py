@@ -18,9 +18,8 @@ Why the FLOP count needs one extra formula: on CPU, PyTorch runs ``scaled_dot_pr
 ``fused_attn`` blocks call) as ``aten._scaled_dot_product_flash_attention_for_cpu``, for which ``FlopCounterMode``
 has no formula, so it would silently count the attention products as zero (CUDA's flash, efficient and cuDNN kernels
 are counted; so is the plain ``bmm`` path). ``count_flops`` adds the formula, so a model counts the same on every
-device. For ``vit_base_patch16_224`` at 224 px that is 35.13 GFLOPs: 33.47 G of ``linear`` layers, 1.43 G of
-attention products and 0.23 G of patch embedding. Tables that list 33.7 GFLOPs (16.85 GMACs) for it leave the
-attention products out.
+device. Published FLOP counts of ViTs often leave the attention products out, so they read lower than this one
+(README, "Around a run", has ``vit_base_patch16_224``'s count both ways).
 """
 
 from __future__ import annotations

@@ -216,7 +216,7 @@ def make_strategy(config: RunConfig, swarm: SwarmMembership | None) -> PeerStrat
 
 
 def pick_device(accelerator: str) -> torch.device:
-    """The device a one-device peer trains on (see ``vitpeer.peer.core.parallel.device_type``)."""
+    """The device a one-device peer trains on (see ``vitpeer.peer.core.model.parallel.device_type``)."""
     if device_type(accelerator) == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -1,19 +1,20 @@
 """The swarm-member library: everything a peer, the coordinator and the monitor build on (the bottom layer).
 
-- ``config``: the typed run configuration (pydantic, every field documented), loading YAML with bases;
-- ``options``: what every command line shares: click options generated from ``config``'s fields, one ``Error:`` line;
-- ``preflight``: checks before anything is written or started (no torch, timm or hivemind imported);
-- ``data``: image sources, splits and the Lightning data module; ``model``: timm networks and the LightningModule;
-- ``parallel``: Lightning strategies and FSDP2 sharding for several processes;
-- ``strategy``: ``HivemindStrategy``, the Lightning strategy of one peer (``SwarmSteps``, shared with ``local_ranks``);
-- ``local_ranks``: one peer made of a host's N local ranks (DDP, FSDP): rank 0 talks to the swarm, the others follow;
-- ``diloco``: the ``diloco`` algorithm's outer loop (background rounds of pseudo-gradients, outer optimizer);
-- ``hivemind_averagers``: every use of hivemind 1.1.12's private names (``SwarmOptimizer``, its averagers), pinned;
-- ``quantization``: vitpeer's 8-bit codec for averaged tensors;
-- ``events``: ``SwarmEvents``, what the swarm optimizer reports to metrics sinks as it happens;
-- ``swarm``: starting the DHT node, its addresses, the data-order seed;
-- ``records``: the signed DHT records (metrics, fingerprints), their schemas and validators, reading them back;
-- ``reporter``, ``fingerprint``: the callbacks that publish those records; ``history``: metrics on disk and plots;
-- ``progress``: the progress bar; ``leave``: leaving cleanly on SIGTERM; ``http``: the read-only HTTP server and the
-  coordinator client; ``processes``: nothing outlives its owner.
+One subpackage per concern, each ``__init__`` mapping its files; top to bottom as import-linter keeps them
+(``pyproject.toml``: a room imports only the rooms below it):
+
+- ``lightning``: how a Lightning training loop steps a swarm (``HivemindStrategy``, ``SwarmSteps``), one peer of N
+  local ranks, leaving cleanly on SIGTERM, the progress bar;
+- ``algorithms``: how peers train together: the interface (``base``), one module per algorithm (``gradient``,
+  ``diloco`` with its rounds, shared state and optimizer), the run's state as the coordinator holds it (``observers``);
+- ``swarm``: being in the swarm: the DHT node, the signed records every peer publishes and their validators, the
+  reporter and the run's fingerprint;
+- ``averaging``: averaging with hivemind: the adapter room of hivemind 1.1.12's private names (averagers,
+  ``SwarmOptimizer``), the aggregation rule of a round, the poison guard, the downloaded-state check, ``SwarmEvents``,
+  vitpeer's 8-bit codec;
+- ``model``: timm networks, the LightningModule, the Lightning strategies of several processes (DDP, FSDP2);
+  ``data``: image sources, the shared split, the Lightning data module;
+- ``config``: the typed run configuration, the command-line options made from it, the checks before a start;
+- ``runtime``: what every process needs: nothing outlives its owner, the read-only HTTP server and the coordinator
+  client, a run's history on disk and its plots.
 """

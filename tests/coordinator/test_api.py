@@ -11,11 +11,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import click
-import hivemind
 import pytest
+from builders import peer_report
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
-from keys import Keyring
+from keys import Keyring, guarded_and_attacker
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,7 +29,6 @@ from vitpeer.peer.core.runtime.http import coordinator_get
 from vitpeer.peer.core.swarm.dht import default_route_ip
 from vitpeer.peer.core.swarm.records import (
     REPORT_TTL,
-    PeerReport,
     aggregate,
     metrics_key,
     record_validators,
@@ -223,28 +222,13 @@ def test_status_shows_the_runs_algorithm_and_what_the_swarm_cost_its_peers(tmp_p
     coordinator = Coordinator(config, CoordinatorConfig(state_dir=tmp_path))
     coordinator.state = SimpleNamespace(epoch=3)  # what a started coordinator holds; /status reads only its epoch
 
-    def report(peer_id: str, **costs) -> PeerReport:
-        return PeerReport(
-            peer_id=peer_id,
-            step=4,
-            loss=0.5,
-            window_samples=64,
-            samples_per_second=32.0,
-            samples=256,
-            mini_steps=8,
-            version="test",
-            hardware="cpu",
-            time=get_dht_time(),
-            **costs,
-        )
-
     # Alice: 4 rounds, all averaged, 8 MB sent (2 MB a round), 6 s averaging, 2 s blocked against 14 s computing.
     # Bob: 4 rounds, one failed, 3 MB (1 MB a round), 3 s averaging, 6 s blocked against 10 s computing. Their
     # records say "gradient": /status shows the run's own algorithm (the fingerprint keeps the two equal).
-    alice = report("alice", algorithm="gradient", rounds=4, averaged_rounds=4, sent_bytes=8_000_000,
-                   averaging_seconds=6.0, wait_seconds=2.0, compute_seconds=14.0)  # fmt: skip
-    bob = report("bob", algorithm="gradient", rounds=4, averaged_rounds=3, failed_rounds=1, sent_bytes=3_000_000,
-                 averaging_seconds=3.0, wait_seconds=6.0, compute_seconds=10.0)  # fmt: skip
+    alice = peer_report(peer_id="alice", algorithm="gradient", rounds=4, averaged_rounds=4, sent_bytes=8_000_000,
+                        averaging_seconds=6.0, wait_seconds=2.0, compute_seconds=14.0)  # fmt: skip
+    bob = peer_report(peer_id="bob", algorithm="gradient", rounds=4, averaged_rounds=3, failed_rounds=1,
+                      sent_bytes=3_000_000, averaging_seconds=3.0, wait_seconds=6.0, compute_seconds=10.0)  # fmt: skip
     coordinator.swarm = aggregate([alice, bob])
     server = ApiServer("127.0.0.1", 0, coordinator.routes())
     try:
@@ -292,22 +276,12 @@ def test_a_peer_cannot_replace_anothers_row_nor_skew_the_swarm_past_its_bounds(t
     absurd throughput. The coordinator's node refuses (b) and counts it; /status and /metrics keep the victim's row
     as published and show the impostor as a row of its own signer."""
     run_id = "hostile-records"
-    guarded = hivemind.DHT(
-        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=record_validators(run_id)
-    )
     keyring = Keyring(7)
-    initial_peers = [str(addr) for addr in guarded.get_visible_maddrs()]
-    attacker = hivemind.DHT(
-        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers, record_validators=[keyring]
-    )
-    server = None
-    try:
+    with guarded_and_attacker(record_validators(run_id), [keyring]) as (guarded, attacker):
         key, now = metrics_key(run_id), get_dht_time()
 
         def record(**claims) -> dict:
-            published = dict(peer_id=ID_A, step=3, loss=0.5, window_samples=32, samples_per_second=10.0, samples=96)
-            published |= dict(mini_steps=3, version="test", hardware="cpu", time=now)
-            return {**PeerReport(**published).dict(), **claims}
+            return {**peer_report(peer_id=ID_A, time=now).dict(), **claims}
 
         victim = RSASignatureValidator().local_public_key  # the coordinator's node signs with this process's key
         assert guarded.store(key, subkey=victim, value=record(), expiration_time=now + REPORT_TTL)
@@ -331,15 +305,13 @@ def test_a_peer_cannot_replace_anothers_row_nor_skew_the_swarm_past_its_bounds(t
         coordinator.registry.register(SwarmCollector(coordinator.status))
         coordinator.poll()
         server = ApiServer("127.0.0.1", 0, coordinator.routes())
-        code, _, body = get(f"http://127.0.0.1:{server.port}/status")
-        assert code == 200
-        status = json.loads(body)  # strict JSON: an Infinity or NaN anywhere would not parse
-        metrics = metric_samples(get(f"http://127.0.0.1:{server.port}/metrics")[2])
-    finally:
-        if server is not None:
+        try:
+            code, _, body = get(f"http://127.0.0.1:{server.port}/status")
+            assert code == 200
+            status = json.loads(body)  # strict JSON: an Infinity or NaN anywhere would not parse
+            metrics = metric_samples(get(f"http://127.0.0.1:{server.port}/metrics")[2])
+        finally:
             server.shutdown()
-        attacker.shutdown()
-        guarded.shutdown()
 
     assert status["rejected_records"]["schema"] >= len(attacks) - 1
     rows = {row["signer"]: row for row in status["peers"]}

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import time
@@ -22,7 +21,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hivemind.compression import NoCompression
-from processes import Coordinator, free_port, listed, peer, peer_id, wait_for
+from processes import Coordinator, free_port, peer, rejoin, wait_for
 
 from vitpeer.coordinator.checkpoints import CheckpointStore
 from vitpeer.coordinator.state import open_swarm_state
@@ -191,21 +190,7 @@ def test_a_peer_joining_after_everyone_left_enters_at_the_coordinators_step(tmp_
         assert any(bool(momentum.abs().sum() > 0) for momentum in saved["outer_momentum"])
         print(f"checkpoint at swarm step {kept}: val accuracy {newest['val_accuracy']:.3f}")
 
-        peers.append(peer(3, tmp_path, coordinator))
-        log3 = tmp_path / "peer-3" / "log.txt"
-        loaded = wait_for(
-            "peer 3 to load the state",
-            lambda: re.search(r"loaded the swarm's state at step (\d+)", log3.read_text()),
-            90,
-        )
-        assert int(loaded.group(1)) == kept
-        id3 = wait_for("peer 3's id", lambda: peer_id(tmp_path, 3), 10)
-        wait_for(
-            "peer 3 to train on past the coordinator's step",
-            lambda: listed(coordinator.status()).get(id3, {}).get("step", -1) > kept,
-            90,
-            every=1,
-        )
+        assert rejoin(peers, 3, tmp_path, coordinator, past=kept, timeout=90) == kept  # the coordinator's state
     finally:
         stop_all(peers)
         if coordinator.process is not None:

@@ -10,7 +10,6 @@ validation accuracy.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import time
@@ -23,7 +22,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 from hivemind.utils import get_dht_time
-from processes import CONFIG, RUN_ID, Coordinator, free_port, listed, peer, peer_id, wait_for
+from processes import CONFIG, RUN_ID, Coordinator, free_port, listed, peer, peer_id, rejoin, wait_for
 
 from vitpeer.coordinator.checkpoints import CHUNK_DELAY_ENV
 from vitpeer.peer.core.config import load_config
@@ -121,21 +120,7 @@ def test_coordinator_run_survives_peers_leaving_and_its_own_crash(tmp_path: Path
         time.sleep(3)  # a checkpoint in flight when the peers died finishes or fails
         kept = coordinator.status()["state_epoch"]
         assert kept >= 12
-        peers.append(peer(3, tmp_path, coordinator))
-        log3 = tmp_path / "peer-3" / "log.txt"
-        loaded = wait_for(
-            "peer 3 to load the state",
-            lambda: re.search(r"loaded the swarm's state at step (\d+)", log3.read_text()),
-            90,
-        )
-        assert int(loaded.group(1)) >= kept
-        id3 = wait_for("peer 3's id", lambda: peer_id(tmp_path, 3), 10)
-        wait_for(
-            "peer 3 to train on past the resumed step",
-            lambda: listed(coordinator.status()).get(id3, {}).get("step", -1) > kept,
-            150,
-            every=1,
-        )
+        assert rejoin(peers, 3, tmp_path, coordinator, past=kept, timeout=150) >= kept  # resumed, not restarted
 
         # 5. the coordinator is killed in the middle of a checkpoint write, then restarted
         before = {sidecar["file"] for sidecar in sidecars(state_dir)}

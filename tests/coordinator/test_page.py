@@ -23,12 +23,13 @@ from typing import Any
 
 import hivemind
 import pytest
+from builders import peer_report
 from hivemind.utils import get_dht_time
 from keys import Keyring
 from processes import RUN_ID, Coordinator, fetch, free_port, listed, peer, peer_id, wait_for
 
 from vitpeer.peer.core.runtime.processes import stop_all
-from vitpeer.peer.core.swarm.records import REPORT_TTL, PeerReport, metrics_key
+from vitpeer.peer.core.swarm.records import REPORT_TTL, metrics_key
 
 pytestmark = pytest.mark.slow
 
@@ -56,15 +57,11 @@ def store_made_up_peers(initial_peers: list[str]) -> None:
     try:
         now = get_dht_time()
         for index, key in enumerate(keyring.keys):
-            report = PeerReport(
+            report = peer_report(
                 peer_id=f"made-up-peer-{index:03d}",
                 step=0,
                 loss=None,
                 window_samples=0,
-                samples_per_second=1.0,
-                samples=10,
-                mini_steps=1,
-                version="test",
                 hardware=HOSTILE if index == 0 else f"cpu: made up {index}",
                 time=now,
                 algorithm="gradient",

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import hivemind
 import pytest
 import torch
+from builders import peer_report
 from hivemind.compression import Float16Compression, NoCompression
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
@@ -103,20 +104,7 @@ def test_diloco_reports_each_round_once_with_its_bytes_and_only_new_waits():
 
 def test_the_swarms_costs_are_sums_and_ratios_of_the_peers_records():
     def report(peer_id: str, **costs) -> PeerReport:
-        return PeerReport(
-            peer_id=peer_id,
-            step=5,
-            loss=None,
-            window_samples=0,
-            samples_per_second=1.0,
-            samples=10,
-            mini_steps=1,
-            version="test",
-            hardware="cpu",
-            time=get_dht_time(),
-            algorithm="gradient",
-            **costs,
-        )
+        return peer_report(peer_id=peer_id, algorithm="gradient", **costs)
 
     alice = report(
         "a", rounds=4, averaged_rounds=4, sent_bytes=4000, averaging_seconds=2.0, wait_seconds=2.0, compute_seconds=6.0

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vitpeer.peer.commands import doctor
+from vitpeer.peer.commands import doctor, doctor_host, doctor_swarm
 from vitpeer.peer.core.config import peer_multiaddr_problem
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,9 +221,9 @@ def test_gpu_hosts_report_nccl_and_each_gpu(monkeypatch):
         "get_device_properties",
         lambda i: SimpleNamespace(name=gpus[i][0], total_memory=80 * 2**30, major=gpus[i][1], minor=gpus[i][2]),
     )
-    checks = {check.name: check for check in doctor.check_torch()}
+    checks = {check.name: check for check in doctor_host.check_torch()}
     assert checks["cuda"].status == "ok" and "2 GPUs" in checks["cuda"].detail
-    assert checks["nccl"] == doctor.Check("nccl", "ok", "2.21.5")
+    assert checks["nccl"] == doctor_host.Check("nccl", "ok", "2.21.5")
     assert checks["gpu 0"].status == "ok" and "H100" in checks["gpu 0"].detail
     assert "bf16 supported" in checks["gpu 0"].detail
     assert checks["gpu 1"].status == "warn" and "--precision 32" in checks["gpu 1"].detail
@@ -233,7 +233,7 @@ def test_gpu_hosts_report_nccl_and_each_gpu(monkeypatch):
 def test_real_gpus_are_listed():
     import torch
 
-    checks = {check.name: check for check in doctor.check_torch()}
+    checks = {check.name: check for check in doctor_host.check_torch()}
     assert checks["cuda"].status == "ok"
     assert all(f"gpu {index}" in checks for index in range(torch.cuda.device_count()))
 
@@ -243,10 +243,10 @@ def test_a_port_in_use_suggests_a_free_one():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        [found] = doctor.check_port("metrics port", port, "127.0.0.1", "--metrics-port")
+        [found] = doctor_host.check_port("metrics port", port, "127.0.0.1", "--metrics-port")
     assert found.status == "FAIL" and str(port) in found.detail and "--metrics-port 0" in found.detail
-    assert doctor.check_port("metrics port", 0, "127.0.0.1", "--metrics-port") == []
-    assert doctor.check_port("metrics port", None, "127.0.0.1", "--metrics-port") == []
+    assert doctor_host.check_port("metrics port", 0, "127.0.0.1", "--metrics-port") == []
+    assert doctor_host.check_port("metrics port", None, "127.0.0.1", "--metrics-port") == []
 
 
 @pytest.mark.timeout(60)
@@ -271,7 +271,7 @@ def test_a_coordinator_reports_its_run_and_peers():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        [found] = doctor.check_coordinator_status(f"http://127.0.0.1:{server.server_port}", timeout=5)
+        [found] = doctor_swarm.check_coordinator_status(f"http://127.0.0.1:{server.server_port}", timeout=5)
     finally:
         server.shutdown()
         server.server_close()
@@ -283,6 +283,6 @@ def test_client_mode_needs_no_reachable_address():
     """Joining in client mode, nobody has to dial this host: the reachability check says so, whatever the peers.
     (Behind a real NAT it tells you to use --client-mode: ``test_nat.py``.)"""
     peer = f"/ip4/11.77.0.1/tcp/31337/p2p/{DEAD_PEER_ID}"
-    [found] = doctor.check_reachability([peer], client_mode=True)
+    [found] = doctor_swarm.check_reachability([peer], client_mode=True)
     assert found.status == "ok" and "client mode" in found.detail
-    assert doctor.check_reachability([f"/ip4/127.0.0.1/tcp/31337/p2p/{DEAD_PEER_ID}"], client_mode=False) == []
+    assert doctor_swarm.check_reachability([f"/ip4/127.0.0.1/tcp/31337/p2p/{DEAD_PEER_ID}"], client_mode=False) == []

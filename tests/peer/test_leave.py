@@ -76,7 +76,7 @@ def test_sigterm_leaves_cleanly_and_a_restart_keeps_the_peer_id(tmp_path: Path):
         log = _text(volunteer)
         assert code == 0 and took < 10, (code, took, log[-3000:])
         assert "SIGTERM: leaving the swarm after this step" in log
-        # a clean leave finishes its step; one whose rounds wait for peers leaves at the deadline (core.leave)
+        # a clean leave finishes its step; one whose rounds wait for peers leaves at the deadline (core.lightning.leave)
         assert "left the swarm at swarm step" in log or "the clean leave did not end in" in log
         time.sleep(0.5)
         assert not [pid for pid in daemons if alive(pid)], "a p2p daemon outlived its peer"

@@ -7,6 +7,7 @@ from pathlib import Path
 import hivemind
 import pydantic.v1
 import pytest
+from builders import peer_report
 from cryptography.hazmat.primitives import serialization
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
@@ -25,18 +26,8 @@ from vitpeer.peer.core.swarm.records import (
     signer_id,
 )
 
-HONEST = {
-    "peer_id": "honest",
-    "step": 3,
-    "loss": 0.5,
-    "window_samples": 32,
-    "samples_per_second": 10.0,
-    "samples": 96,
-    "mini_steps": 3,
-    "version": "test",
-    "hardware": "cpu",
-    "time": 1_700_000_000.0,
-}
+HONEST = peer_report(time=1_700_000_000.0).dict()
+"""A well-formed record of peer ``honest``, at a fixed time."""
 
 
 @pytest.mark.parametrize(

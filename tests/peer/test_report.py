@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import hivemind
 import pydantic.v1
 import pytest
+from builders import peer_report
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
-from keys import Keyring
+from keys import Keyring, guarded_and_attacker
 from processes import wait_for
 
 from vitpeer.peer.core.config import SwarmConfig
@@ -35,28 +36,12 @@ RUN_ID = "report-test"
 
 
 def report(loss: float) -> dict:
-    return PeerReport(
-        peer_id="me",
-        step=3,
-        loss=loss,
-        window_samples=32,
-        samples_per_second=10.0,
-        samples=96,
-        mini_steps=3,
-        version="test",
-        hardware="cpu",
-        time=get_dht_time(),
-    ).dict()
+    return peer_report(peer_id="me", loss=loss).dict()
 
 
 @pytest.mark.timeout(120)
 def test_forged_unsigned_and_bogus_records_are_refused_and_counted():
-    guarded = hivemind.DHT(
-        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=record_validators(RUN_ID)
-    )
-    initial_peers = [str(addr) for addr in guarded.get_visible_maddrs()]
-    forger = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers)
-    try:
+    with guarded_and_attacker(record_validators(RUN_ID)) as (guarded, forger):
         key, expiration = metrics_key(RUN_ID), get_dht_time() + 60
         own = RSASignatureValidator().local_public_key  # the guarded node signs with this process's key
         assert guarded.store(key, subkey=own, value=report(0.5), expiration_time=expiration)
@@ -70,9 +55,6 @@ def test_forged_unsigned_and_bogus_records_are_refused_and_counted():
         assert rejected_records(guarded) == {"signature": 2, "schema": 1}
         stored = guarded.get(key, latest=True).value
         assert list(stored) == [own] and stored[own].value["loss"] == 0.5
-    finally:
-        forger.shutdown()
-        guarded.shutdown()
 
 
 class Forger(RSASignatureValidator):
@@ -95,15 +77,8 @@ def test_oversized_and_forged_records_are_refused_and_the_real_one_survives():
     oversized = {**report(1.0), "hardware": "x" * 10_000}  # 10 kB where a GPU's name goes
     with pytest.raises(pydantic.v1.ValidationError, match="hardware"):
         PeerReport(**oversized)
-    guarded = hivemind.DHT(
-        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=record_validators(RUN_ID)
-    )
     forger_key = Forger(RSAPrivateKey())
-    initial_peers = [str(addr) for addr in guarded.get_visible_maddrs()]
-    forger = hivemind.DHT(
-        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers, record_validators=[forger_key]
-    )
-    try:
+    with guarded_and_attacker(record_validators(RUN_ID), [forger_key]) as (guarded, forger):
         key, expiration = metrics_key(RUN_ID), get_dht_time() + 60
         victim = RSASignatureValidator().local_public_key  # the guarded node signs with this process's key
         assert guarded.store(key, subkey=victim, value=report(0.5), expiration_time=expiration)
@@ -114,9 +89,6 @@ def test_oversized_and_forged_records_are_refused_and_the_real_one_survives():
         assert rejected_records(guarded) == {"signature": 1, "schema": 1}
         stored = guarded.get(key, latest=True).value
         assert list(stored) == [victim] and stored[victim].value["loss"] == 0.5
-    finally:
-        forger.shutdown()
-        guarded.shutdown()
 
 
 def claim(**values) -> dict:
@@ -128,15 +100,8 @@ def claim(**values) -> dict:
 def test_one_key_is_one_row_however_many_subkeys_name_it():
     """hivemind's signature check accepts any subkey that contains the signer's key: ``x[owner:K]`` and
     ``[owner:K]y`` are signed by K as validly as ``[owner:K]``. Nodes refuse all but the exact ``[owner:K]``."""
-    guarded = hivemind.DHT(
-        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=record_validators(RUN_ID)
-    )
     keyring = Keyring(1)
-    initial_peers = [str(addr) for addr in guarded.get_visible_maddrs()]
-    attacker = hivemind.DHT(
-        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers, record_validators=[keyring]
-    )
-    try:
+    with guarded_and_attacker(record_validators(RUN_ID), [keyring]) as (guarded, attacker):
         key, expiration, (own,) = metrics_key(RUN_ID), get_dht_time() + REPORT_TTL, keyring.keys
         for index, subkey in enumerate([own, b"x" + own, own + b"y"]):
             attacker.store(key, subkey=subkey, value=claim(peer_id=f"peer-{index}"), expiration_time=expiration)
@@ -144,21 +109,13 @@ def test_one_key_is_one_row_however_many_subkeys_name_it():
         assert rejected_records(guarded) == {"signature": 0, "schema": 2}
         (row,) = read_reports(guarded, RUN_ID)
         assert (row.peer_id, row.signer) == ("peer-0", signer_id(own))
-    finally:
-        attacker.shutdown()
-        guarded.shutdown()
 
 
 @pytest.mark.timeout(60)
 def test_a_reader_skips_implausible_records_that_its_node_let_through():
     """A reader whose node checks signatures only (another version's, or a script's) still shows none of them."""
-    reader = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[RSASignatureValidator()])
     keyring = Keyring(6)
-    initial_peers = [str(addr) for addr in reader.get_visible_maddrs()]
-    attacker = hivemind.DHT(
-        start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=initial_peers, record_validators=[keyring]
-    )
-    try:
+    with guarded_and_attacker([RSASignatureValidator()], [keyring]) as (reader, attacker):
         now, key = get_dht_time(), metrics_key(RUN_ID)
         claims = [
             (claim(peer_id="plausible"), now + REPORT_TTL),
@@ -174,9 +131,6 @@ def test_a_reader_skips_implausible_records_that_its_node_let_through():
 
         (row,) = read_reports(reader, RUN_ID)
         assert (row.peer_id, row.signer) == ("plausible", signer_id(keyring.keys[0]))
-    finally:
-        attacker.shutdown()
-        reader.shutdown()
 
 
 def test_a_peers_own_report_stays_within_the_bounds_every_node_enforces():

@@ -1,9 +1,9 @@
 """8-bit tensors on the wire: blockwise absmax quantization, our own, correct with torch 2.14 and numpy 2.
 
 Why our own: hivemind 1.1.12's 8-bit quantizers cannot decode under numpy 2 (their ``extract`` calls ``int()`` on a
-one-element array, an error there). hivemind logs the failed parts and still reports the round as done, and each
-peer keeps its own values: measured on 1M unit-normal values between 2 peers, the "average" differed from the true
-mean by 0.565 on average, exactly E|x - y| / 2 of two unit normals (``tests/peer/test_quantization.py``).
+one-element array, an error there: ``tests/peer/test_quantization.py``). hivemind logs the failed parts and still
+reports the round as done, and each peer keeps its own values: the "average" is no average at all (README,
+Performance, has by how far it missed).
 
 The scheme: the flat tensor is cut into blocks of ``BLOCK`` values; each block keeps its largest magnitude as a
 float32 scale and each value as ``round(127 * value / scale)`` in one signed byte. Decoding multiplies back. Every

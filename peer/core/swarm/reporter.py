@@ -2,13 +2,12 @@
 
 Besides samples and loss, a report says what the swarm cost the peer (``swarm_costs``): its algorithm, its rounds,
 the bytes it sent in them (an estimate, ``core.averaging.events.allreduce_bytes_sent``), how long they took, and the
-training
-thread's time computing against its time blocked on the swarm. Compute is measured here, per local step: the step's
-wall time (forward, backward, the optimizer step) minus the time it was blocked on the swarm inside it; data loading
-and validation count as neither.
+training thread's time computing against its time blocked on the swarm. Compute is measured here, per local step:
+the step's wall time (forward, backward, the optimizer step) minus the time it was blocked on the swarm inside it;
+data loading and validation count as neither.
 
 A report stays within ``core.swarm.records``' per-peer bounds, which every node enforces: a diverged loss is published
-as ``MAX_LOSS``, and hivemind's throughput estimate (which can read up to 1e20 after a near-zero interval) is capped at
+as ``MAX_LOSS``, and hivemind's throughput estimate (absurdly high after a near-zero interval) is capped at
 ``MAX_SAMPLES_PER_SECOND``.
 """
 
