@@ -10,17 +10,15 @@ from pathlib import Path
 
 import hivemind
 import pytest
-import pytorch_lightning as pl
 import torch
+from fits import fit
 
 from vitpeer.peer.core.algorithms.base import PeerOptimizer, PeerSetup
 from vitpeer.peer.core.algorithms.diloco import DiLoCoAlgorithm
 from vitpeer.peer.core.averaging.aggregation import mean
 from vitpeer.peer.core.averaging.hivemind_averagers import GroupSizedAverager
 from vitpeer.peer.core.config import ALGORITHMS, ConfigError, load_config
-from vitpeer.peer.core.data import VisionDataModule, num_classes
 from vitpeer.peer.core.lightning.strategy import HivemindStrategy
-from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
 from vitpeer.peer.core.swarm.dht import start_dht
 
 pytestmark = pytest.mark.timeout(240)
@@ -55,24 +53,8 @@ def test_a_third_algorithm_is_one_module_and_one_registry_line(monkeypatch, tmp_
     assert config.swarm.wire_compression == "fp16"  # what it inherits from diloco
     dht = start_dht(config.swarm)
     try:
-        pl.seed_everything(0, verbose=False)
-        net = build_model(config.model, num_classes(config.data))
-        module = ImageClassifier(net, 10, config.optim, config.trainer.max_steps)
-        data = VisionDataModule(config.data, image_config(net, config.model), order_seed=1)
         strategy = HivemindStrategy(config.swarm, dht)
-        trainer = pl.Trainer(
-            strategy=strategy,
-            accelerator="cpu",
-            max_steps=3,
-            max_epochs=-1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        )
-        trainer.fit(module, datamodule=data)
+        trainer = fit(config, strategy, 3, tmp_path)
         optimizer = strategy.optimizer
         assert optimizer.local_epoch == 3 and trainer.global_step == 3
         outer = optimizer.diloco.outer.param_groups[0]  # type: ignore[attr-defined]  # built by LocalSGD

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from fits import fit
 
 from vitpeer.peer.core.algorithms.diloco_optimizer import DiLoCoOptimizer
 from vitpeer.peer.core.config import ConfigError, load_config
 from vitpeer.peer.core.config.preflight import check_resume_algorithm
-from vitpeer.peer.core.data import VisionDataModule, num_classes
 from vitpeer.peer.core.lightning.strategy import HivemindStrategy
-from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
 from vitpeer.peer.core.swarm.dht import start_dht
 
 pytestmark = pytest.mark.timeout(240)
@@ -38,29 +37,6 @@ def swarm_config(tmp_path: Path, algorithm: str):
             "trainer.max_steps": 8,
         },
     )
-
-
-def fit(config, strategy: HivemindStrategy, accelerator: str, max_steps: int, ckpt_dir: Path, resume=None, *extra):
-    """Train ``max_steps`` swarm steps (resuming from ``resume`` as ``vitpeer join --resume`` does), checkpointing
-    into ``ckpt_dir``; ``extra`` callbacks."""
-    pl.seed_everything(0, verbose=False)
-    net = build_model(config.model, num_classes(config.data))
-    module = ImageClassifier(net, 10, config.optim, config.trainer.max_steps)
-    data = VisionDataModule(config.data, image_config(net, config.model), order_seed=1)
-    trainer = pl.Trainer(
-        strategy=strategy,
-        accelerator=accelerator,
-        max_steps=max_steps,
-        max_epochs=-1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[pl.callbacks.ModelCheckpoint(ckpt_dir, save_last=True, save_top_k=0), *extra],
-    )
-    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)  # as join does: never unpickle code
-    return trainer
 
 
 def state_devices(optimizer) -> dict[str, set[str]]:
@@ -116,7 +92,7 @@ def test_resume_leaves_the_optimizer_state_where_the_swarm_optimizer_holds_it(tm
     config = swarm_config(tmp_path, algorithm)
     dht = start_dht(config.swarm)
     try:
-        fit(config, HivemindStrategy(config.swarm, dht), "cpu", 2, tmp_path)
+        fit(config, HivemindStrategy(config.swarm, dht), 2, tmp_path)
     finally:
         dht.shutdown()
 
@@ -124,7 +100,7 @@ def test_resume_leaves_the_optimizer_state_where_the_swarm_optimizer_holds_it(tm
     dht = start_dht(config.swarm)
     try:
         strategy = RestoresOnMeta(config.swarm, dht)
-        trainer = fit(config, strategy, "cpu", 3, tmp_path / "resumed", resume=tmp_path / "last.ckpt")
+        trainer = fit(config, strategy, 3, tmp_path / "resumed", resume=tmp_path / "last.ckpt")
         assert strategy.restored == expected_devices(algorithm, "cpu")
         assert strategy.optimizer.local_epoch == 3 and trainer.global_step == 3  # and it trained on
     finally:
@@ -150,14 +126,16 @@ def test_resume_on_a_gpu_trains_on_with_the_state_where_each_optimizer_holds_it(
     config = swarm_config(tmp_path, algorithm)
     dht = start_dht(config.swarm)
     try:
-        fit(config, HivemindStrategy(config.swarm, dht, device="cuda"), "gpu", 2, tmp_path)
+        fit(config, HivemindStrategy(config.swarm, dht, device="cuda"), 2, tmp_path, accelerator="gpu")
     finally:
         dht.shutdown()
 
     dht = start_dht(config.swarm)
     try:
         strategy, started = HivemindStrategy(config.swarm, dht, device="cuda"), RecordsDevicesAtStart()
-        trainer = fit(config, strategy, "gpu", 4, tmp_path / "resumed", tmp_path / "last.ckpt", started)
+        trainer = fit(
+            config, strategy, 4, tmp_path / "resumed", tmp_path / "last.ckpt", accelerator="gpu", callbacks=[started]
+        )
         assert started.module == {"cuda"}
         assert started.found == expected_devices(algorithm, "cuda")
         assert strategy.optimizer.local_epoch == 4 and trainer.global_step == 4  # it trained on: 2 more swarm steps

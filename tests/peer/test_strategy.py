@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from fits import fit
 
 from vitpeer.peer.core.config import load_config
-from vitpeer.peer.core.data import VisionDataModule, num_classes
+from vitpeer.peer.core.data import VisionDataModule
 from vitpeer.peer.core.lightning.progress import ProgressBar
 from vitpeer.peer.core.lightning.strategy import HivemindStrategy
 from vitpeer.peer.core.model import ImageClassifier, Schedule, build_model, image_config
@@ -31,32 +32,11 @@ def config(tmp_path: Path):
     )
 
 
-def fit(config, dht, max_steps: int, ckpt_dir: Path, resume: Path | None = None):
-    pl.seed_everything(0, verbose=False)
-    net = build_model(config.model, num_classes(config.data))
-    module = ImageClassifier(net, 10, config.optim, config.trainer.max_steps)
-    data = VisionDataModule(config.data, image_config(net, config.model), order_seed=1)
-    strategy = HivemindStrategy(config.swarm, dht)
-    trainer = pl.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        max_steps=max_steps,
-        max_epochs=-1,
-        logger=False,
-        enable_progress_bar=True,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[pl.callbacks.ModelCheckpoint(ckpt_dir, save_last=True, save_top_k=0), ProgressBar()],
-    )
-    trainer.fit(module, datamodule=data, ckpt_path=resume)
-    return trainer, strategy
-
-
 def test_global_step_and_lr_follow_swarm_steps_and_checkpoint_restores_them(config, tmp_path: Path):
     dht = start_dht(config.swarm)
     try:
-        trainer, strategy = fit(config, dht, 3, tmp_path)
+        strategy = HivemindStrategy(config.swarm, dht)
+        trainer = fit(config, strategy, 3, tmp_path, callbacks=[ProgressBar()])
         opt = strategy.optimizer
         assert opt.local_epoch == 3 and trainer.global_step == 3
         # 64 samples per swarm step at 32 per local step: Lightning ran 6 local steps for 3 swarm steps
@@ -82,7 +62,8 @@ def test_global_step_and_lr_follow_swarm_steps_and_checkpoint_restores_them(conf
     # hivemind.Optimizer in the same process hung once in add_validators on a fresh clone)
     dht = start_dht(config.swarm)
     try:
-        trainer, strategy = fit(config, dht, 4, tmp_path / "resumed", resume=tmp_path / "last.ckpt")
+        strategy = HivemindStrategy(config.swarm, dht)
+        trainer = fit(config, strategy, 4, tmp_path / "resumed", resume=tmp_path / "last.ckpt")
         assert strategy.optimizer.local_epoch == 4 and trainer.global_step == 4
         assert strategy.optimizer.opt.param_groups[0]["lr"] == pytest.approx(config.optim.lr * schedule(4))
     finally:
@@ -117,7 +98,8 @@ def test_overlap_trains_a_lone_peer_and_warns_that_it_is_experimental(config, tm
     dht = start_dht(config.swarm)
     try:
         with caplog.at_level("WARNING", logger="vitpeer.peer.core.lightning.strategy"):
-            trainer, strategy = fit(config, dht, 2, tmp_path)
+            strategy = HivemindStrategy(config.swarm, dht)
+            trainer = fit(config, strategy, 2, tmp_path)
         assert strategy.optimizer.local_epoch == 2 and trainer.global_step == 2
         assert any("swarm.overlap is experimental" in record.getMessage() for record in caplog.records)
     finally:
