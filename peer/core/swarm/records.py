@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -345,7 +346,7 @@ def read_reports(dht: hivemind.DHT, run_id: str) -> list[SignedReport]:
     return sorted(newest.values(), key=lambda report: (report.peer_id, report.time))
 
 
-def aggregate(reports: list[PeerReport]) -> dict[str, Any]:
+def aggregate(reports: Sequence[PeerReport]) -> dict[str, Any]:
     """Swarm step, sample-weighted loss, total samples/s, the algorithm, what the swarm cost the peers
     (``communication``) and each alive peer's last report with its own costs per round. ``reports`` are one per
     signer (``read_reports``): rows carry ``signer``, None for a report that was never signed (tests)."""
@@ -393,7 +394,7 @@ def per_round(costs: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def communication(reports: list[PeerReport]) -> dict[str, Any]:
+def communication(reports: Sequence[PeerReport]) -> dict[str, Any]:
     """The alive peers' costs summed since each started, and the same per-round figures as each peer's."""
     sums = {key: sum(getattr(r, key) for r in reports) for key in COST_FIELDS}
     return {**sums, **per_round(sums)}
