@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import hivemind
 import torch
@@ -84,7 +85,7 @@ class _LoadDeadline:
     new download of its own.
     """
 
-    def __init__(self, load_state_from_peers, timeout: float):
+    def __init__(self, load_state_from_peers: Callable[..., Any], timeout: float):
         self.load, self.timeout = load_state_from_peers, timeout
         self.deadline: float | None = None  # None: the next attempt begins a new download
         self.armed = False
@@ -94,13 +95,13 @@ class _LoadDeadline:
         """The next call begins a new download with the full ``timeout``."""
         self.deadline, self.armed, self.gave_up = None, True, False
 
-    def __call__(self, **kwargs):
+    def __call__(self, wait: bool = True, timeout: float | None = None) -> Any:  # the signature of what it replaces
         now = time.monotonic()
         if self.deadline is None or not self.armed:
             self.deadline, self.gave_up = now + self.timeout, False
-        kwargs["timeout"] = max(1.0, min(kwargs.get("timeout") or self.timeout, self.deadline - now))
+        timeout = max(1.0, min(timeout or self.timeout, self.deadline - now))
         try:
-            return self.load(**kwargs)
+            return self.load(wait=wait, timeout=timeout)
         except Exception as err:
             if time.monotonic() < self.deadline:
                 raise
