@@ -15,7 +15,6 @@ adopts orphans (Linux "child subreaper") and stops any ``p2pd`` still running at
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import asdict
 
 import click
@@ -40,7 +39,7 @@ from vitpeer.peer.core.runtime.processes import adopting_orphans, in_background
 
 
 def run_doctor(
-    initial_peers: Sequence[str] = (),
+    initial_peers: list[str] | tuple[str, ...] = (),
     coordinator: str | None = None,
     host_port: int | None = None,
     metrics_port: int | None = None,

@@ -59,10 +59,10 @@ def check_torch() -> list[Check]:
 
 def check_nccl() -> Check:
     """NCCL carries gradients between this host's GPUs when one peer uses several (``--local-strategy ddp``)."""
-    import torch
+    from torch.cuda import nccl  # torch imports it on its way in, but its types do not show torch.cuda.nccl
 
     try:
-        version = torch.cuda.nccl.version()
+        version = nccl.version()
     except Exception as err:  # torch built without NCCL
         return Check("nccl", "warn", f"not available ({err}); several GPUs in one peer need a torch build with NCCL")
     shown = ".".join(str(part) for part in version) if isinstance(version, tuple) else str(version)

@@ -16,7 +16,7 @@ hivemind only inside the methods that build something.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -52,7 +52,8 @@ class PeerSetup:
 
 class PeerOptimizer(Protocol):
     """What the Lightning strategy (``core.lightning.strategy``) steps once per local batch and asks of the swarm,
-    whichever the algorithm. Lightning sees it as the module's optimizer."""
+    whichever the algorithm. Lightning sees it as the module's optimizer: an implementation is also a
+    ``torch.optim.Optimizer`` (the strategy refuses one that is not)."""
 
     @property
     def skipped_batches(self) -> int:
@@ -78,12 +79,17 @@ class PeerOptimizer(Protocol):
     def local_progress(self) -> LocalTrainingProgress: ...
 
     @property
+    def target_batch_size(self) -> int:
+        """Samples the swarm gathers per swarm step, over all peers."""
+        ...
+
+    @property
     def opt(self) -> torch.optim.Optimizer:
         """The optimizer that steps this peer's parameters (its param groups hold the learning rate)."""
         ...
 
     @property
-    def param_groups(self) -> list[dict[str, Any]]: ...
+    def param_groups(self) -> Iterable[dict[str, Any]]: ...
 
     def step(self, closure: Callable[[], Any] | None = None, batch_size: int | None = None) -> Any:
         """One local batch: run ``closure`` (forward and backward), then whatever the algorithm does with it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,16 +42,18 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
         self._reported_refused = 0  # of ``DiLoCo.refused_states``, passed on to the events
         self._alive = True
 
+    # torch declares ``state`` and ``param_groups`` as plain attributes; here they read and write the inner optimizer's
+
     @property
-    def state(self) -> dict:  # the inner optimizer's live dict: torch's load_state_dict replaces it on a restore
-        return self.opt.state
+    def state(self) -> dict:  # pyright: ignore[reportIncompatibleVariableOverride]  # a property over torch's attribute
+        return self.opt.state  # the inner optimizer's live dict: torch's load_state_dict replaces it on a restore
 
     @property
     def param_groups(self) -> list[dict]:  # Lightning reads and sets the learning rate through these
         return self.opt.param_groups
 
     @param_groups.setter
-    def param_groups(self, groups: list[dict]) -> None:
+    def param_groups(self, groups: list[dict]) -> None:  # pyright: ignore[reportIncompatibleVariableOverride]  # a property over torch's attribute
         self.opt.param_groups = groups
 
     @property
@@ -73,7 +76,7 @@ class DiLoCoOptimizer(torch.optim.Optimizer):
     def target_batch_size(self) -> int:
         return self.diloco.tracker.target_batch_size
 
-    def step(self, closure=None, batch_size: int | None = None):
+    def step(self, closure: Callable[[], Any] | None = None, batch_size: int | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import hivemind
 import torch
@@ -110,7 +111,7 @@ class DiLoCo(SharedState):
         self.wire_bytes = int(
             numel * 4 * compression.estimate_compression_ratio(CompressionInfo.from_tensor(self.shared[0]))
         )
-        averager_args = dict(
+        averager_args: dict[str, Any] = dict(
             dht=dht,
             start=True,
             min_matchmaking_time=matchmaking_time,
@@ -193,15 +194,15 @@ class DiLoCo(SharedState):
         if not all(torch.isfinite(d).all() for d in own):
             self._drop_poisoned(epoch)
             return
-        control = None
+        control: StepControl | None = None
         if self.num_peers > 1:
-            with self.averager.get_tensors() as buffers:
+            with self.averager.get_tensors() as buffers:  # pyright: ignore[reportGeneralTypeIssues]  # hivemind annotates this context manager as the tensors it yields
                 for buffer, delta in zip(buffers, own, strict=True):
                     buffer.copy_(delta)
             self.averager.set_group_size(self.num_peers)  # the group closes as soon as every peer is in
             try:
                 deadline = self.matchmaking_time + self.averaging_timeout
-                control = self.averager.step(weight=float(max(samples, 1)), timeout=deadline, wait=False)
+                control = self.averager.step(weight=float(max(samples, 1)), timeout=deadline, wait=False)  # pyright: ignore[reportAssignmentType]  # hivemind types the result of wait=True; wait=False returns its StepControl
             except Exception as err:  # could not even be scheduled: its progress goes into the next round
                 log.warning("could not start the round of swarm step %d: %r", epoch, err)
                 self.in_flight = None
@@ -229,7 +230,7 @@ class DiLoCo(SharedState):
                 log.debug("the round of swarm step %d failed: %r", pending.epoch, err)
             outcome, group_size = ("averaged", len(gathered)) if gathered else ("failed", 0)
             if gathered:
-                with self.averager.get_tensors() as buffers:
+                with self.averager.get_tensors() as buffers:  # pyright: ignore[reportGeneralTypeIssues]  # hivemind annotates this context manager as the tensors it yields
                     average = [buffer.clone() for buffer in buffers]
         sent = allreduce_bytes_sent(self.wire_bytes, group_size) if outcome == "averaged" else 0
         self.out_of_step = outcome == "failed" or (outcome == "averaged" and group_size < pending.peers)

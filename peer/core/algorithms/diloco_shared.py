@@ -111,7 +111,7 @@ class SharedState:
         started = time.perf_counter()
         _, full = self.outer_state()
         state = full if self.sync_momentum else full[: len(self.shared)]
-        with self.syncer.get_tensors() as buffers:
+        with self.syncer.get_tensors() as buffers:  # pyright: ignore[reportGeneralTypeIssues]  # hivemind annotates this context manager as the tensors it yields
             for buffer, value in zip(buffers, state, strict=True):
                 buffer.copy_(value)
         self.syncer.set_group_size(max(2, self.num_peers))
@@ -121,7 +121,7 @@ class SharedState:
             gathered = None
             log.debug("syncing the shared state failed: %r", err)
         if gathered:
-            with self.syncer.get_tensors() as buffers:
+            with self.syncer.get_tensors() as buffers:  # pyright: ignore[reportGeneralTypeIssues]  # hivemind annotates this context manager as the tensors it yields
                 synced = [buffer.clone() for buffer in buffers]
             self._take_outer_state(synced if self.sync_momentum else synced + full[len(self.shared) :])
         self.wait_seconds += time.perf_counter() - started

@@ -27,15 +27,20 @@ import contextlib
 import logging
 import threading
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import hivemind
 import pytorch_lightning as pl
 import torch
 
 from vitpeer.peer.core.algorithms.diloco_shared import OuterAverager
-from vitpeer.peer.core.averaging.hivemind_averagers import TrainingStateAverager, catch_up_scheduler
+from vitpeer.peer.core.averaging.hivemind_averagers import (
+    GroupSizedAverager,
+    TrainingStateAverager,
+    catch_up_scheduler,
+)
 from vitpeer.peer.core.averaging.hivemind_optimizer import factory_form
 from vitpeer.peer.core.averaging.quantization import compression
 from vitpeer.peer.core.averaging.remote_state import StateCheck, download_bound, training_state_check
@@ -45,15 +50,18 @@ from vitpeer.peer.core.model import ImageClassifier, build_model
 
 log = logging.getLogger(__name__)
 
+Averager = TypeVar("Averager", bound="TrainingStateAverager | GroupSizedAverager")
+"""The averager class a ``SwarmState`` downloads and serves with: one of ours, which check what they download."""
 
-class SwarmState:
+
+class SwarmState(Generic[Averager]):
     """The run's network and swarm step as the coordinator last saw them, and the averager that moves them.
 
     Subclasses speak one algorithm's protocol; ``run.py`` uses only what is defined here."""
 
     algorithm: str
     """``swarm.algorithm`` of the runs this class serves; written into every checkpoint."""
-    averager: hivemind.DecentralizedAverager
+    averager: Averager
     """Downloads the state and serves it, under the prefix the peers of ``algorithm`` use."""
 
     def __init__(self, config: RunConfig):
@@ -65,7 +73,10 @@ class SwarmState:
         built = ImageClassifier(
             self.net, self.num_classes, config.optim, config.trainer.max_steps
         ).configure_optimizers()
-        self.optimizer, self.scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+        schedule = built["lr_scheduler"]
+        if not isinstance(schedule, dict):  # Lightning also takes a bare scheduler; the module returns its config
+            raise TypeError(f"ImageClassifier.configure_optimizers returned a bare {type(schedule).__name__}")
+        self.optimizer, self.scheduler = built["optimizer"], schedule["scheduler"]
         """The module's optimizer and schedule, as every peer builds them: their parameter groups fix the order in
         which peers send the parameters."""
 
@@ -121,7 +132,7 @@ class SwarmState:
         self.averager.shutdown()
 
 
-class GradientState(SwarmState):
+class GradientState(SwarmState[TrainingStateAverager]):
     """``swarm.algorithm = gradient``: model, optimizer and swarm step (hivemind epoch) in a
     ``TrainingStateAverager``."""
 
@@ -180,7 +191,7 @@ class GradientState(SwarmState):
         self.share()
 
 
-class DiLoCoState(SwarmState):
+class DiLoCoState(SwarmState[OuterAverager]):
     """``swarm.algorithm = diloco``: the shared parameters (kept in ``net``), the outer momentum and the swarm step,
     downloaded and served in ``DiLoCo.outer_state``'s layout."""
 
@@ -245,7 +256,7 @@ class DiLoCoState(SwarmState):
         self._take(int(state["swarm_epoch"]), shared, state["outer_momentum"])
         self.share()
 
-    def _take(self, epoch: int, shared: list[torch.Tensor], momentum: list[torch.Tensor]) -> None:
+    def _take(self, epoch: int, shared: Sequence[torch.Tensor], momentum: Sequence[torch.Tensor]) -> None:
         """Take ``shared`` into the network and ``momentum`` as the outer momentum, at swarm step ``epoch``; refuse
         (``StateRefused``, a ValueError) a state that fails the peers' check (downloads are checked before they get
         here; a checkpoint file is checked here)."""

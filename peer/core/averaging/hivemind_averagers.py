@@ -42,7 +42,9 @@ import logging
 import multiprocessing as mp
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import hivemind
 import torch
@@ -50,6 +52,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf.message import DecodeError
 from hivemind.averaging import allreduce, partition
+from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.optim import grad_averager, state_averager
 from hivemind.p2p import P2P
@@ -82,7 +85,7 @@ class _LoadDeadline:
     new download of its own.
     """
 
-    def __init__(self, load_state_from_peers, timeout: float):
+    def __init__(self, load_state_from_peers: Callable[..., Any], timeout: float):
         self.load, self.timeout = load_state_from_peers, timeout
         self.deadline: float | None = None  # None: the next attempt begins a new download
         self.armed = False
@@ -92,13 +95,13 @@ class _LoadDeadline:
         """The next call begins a new download with the full ``timeout``."""
         self.deadline, self.armed, self.gave_up = None, True, False
 
-    def __call__(self, **kwargs):
+    def __call__(self, wait: bool = True, timeout: float | None = None) -> Any:  # the signature of what it replaces
         now = time.monotonic()
         if self.deadline is None or not self.armed:
             self.deadline, self.gave_up = now + self.timeout, False
-        kwargs["timeout"] = max(1.0, min(kwargs.get("timeout") or self.timeout, self.deadline - now))
+        timeout = max(1.0, min(timeout or self.timeout, self.deadline - now))
         try:
-            return self.load(**kwargs)
+            return self.load(wait=wait, timeout=timeout)
         except Exception as err:
             if time.monotonic() < self.deadline:
                 raise
@@ -140,6 +143,7 @@ class _CheckedDownload:
 
     state_check: Callable[[], StateCheck | None] | None = None
     """Builds the check for the next download (in the host process, when the download begins)."""
+    _outer_pipe: Connection  # the averager's: hivemind's command pipe to its process
 
     def __init__(self, *args, **kwargs):
         self._refused = mp.Value(ctypes.c_int, 0)  # before super() starts the averager's process: it is shared
@@ -155,13 +159,14 @@ class _CheckedDownload:
         check = self.state_check() if self.state_check is not None else None
         # pipe messages run in order in the averager's process: the check is in place before the download begins
         self._outer_pipe.send(("_arm_state_check", [check], {}))
-        return super().load_state_from_peers(*args, **kwargs)
+        return super().load_state_from_peers(*args, **kwargs)  # pyright: ignore[reportAttributeAccessIssue]  # the averager's, next in the MRO
 
     async def _arm_state_check(self, check: StateCheck | None) -> None:  # runs in the averager's process
         self._check = check
 
     async def _load_state_from_peers(self, future, timeout: float | None = None):  # runs in the averager's process
-        await super()._load_state_from_peers(_CheckedResult(future, self._check, self._refused), timeout=timeout)
+        checked = _CheckedResult(future, self._check, self._refused)
+        await super()._load_state_from_peers(checked, timeout=timeout)  # pyright: ignore[reportAttributeAccessIssue]  # the averager's, next in the MRO
 
 
 class _GroupSized:
@@ -175,6 +180,8 @@ class _GroupSized:
     """
 
     group_size: int | None = None
+    _outer_pipe: Connection  # the averager's: hivemind's command pipe to its process
+    _matchmaking: Matchmaking  # the averager's, in its process
 
     def set_group_size(self, size: int) -> None:
         if size != self.group_size:
@@ -236,7 +243,7 @@ class _Aggregating:
 
     def run(self) -> None:  # the averager's process
         allreduce.TensorPartReducer = functools.partial(AggregatingReducer, aggregation=self.aggregation)
-        super().run()  # type: ignore[misc]  # hivemind's DecentralizedAverager.run, next in the MRO
+        super().run()  # pyright: ignore[reportAttributeAccessIssue]  # hivemind's DecentralizedAverager.run, next in the MRO
 
 
 # hivemind names each averager's RPC protocols after its class (``<prefix>::TrainingStateAverager.rpc_download_state``):
@@ -289,8 +296,8 @@ def sign_with_identity(identity_path: Path) -> bool:
         P2P.generate_identity(str(identity_path))  # the file p2pd will read: one key for the peer id and the signer
     way_out = "delete it: a new RSA identity is created in its place (with a new peer id)"
     try:
-        identity = crypto_pb2.PrivateKey.FromString(identity_path.read_bytes())
-        kind = crypto_pb2.KeyType.Name(identity.key_type)
+        identity = crypto_pb2.PrivateKey.FromString(identity_path.read_bytes())  # pyright: ignore[reportAttributeAccessIssue]  # hivemind's generated protobuf modules have no types
+        kind = crypto_pb2.KeyType.Name(identity.key_type)  # pyright: ignore[reportAttributeAccessIssue]  # as above
         private = serialization.load_der_private_key(identity.data, password=None) if kind == "RSA" else None
     except (DecodeError, ValueError) as err:  # not a protobuf, or no DER key in it
         raise ConfigError(f"swarm.identity_path = {identity_path} is not a libp2p identity ({err}): {way_out}") from err

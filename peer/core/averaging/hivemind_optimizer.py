@@ -32,7 +32,7 @@ from typing import Any
 
 import hivemind
 import torch
-from hivemind.compression import CompressionInfo
+from hivemind.compression import CompressionBase, CompressionInfo
 from hivemind.optim import optimizer as hivemind_optimizer
 from hivemind.optim import state_averager
 from torch.optim.lr_scheduler import LambdaLR
@@ -69,7 +69,7 @@ def factory_form(optimizer: torch.optim.Optimizer, scheduler: Any | None) -> tup
     groups = [dict(group) for group in optimizer.param_groups]
     return (
         groups,
-        lambda params: type(optimizer)(params),
+        lambda params: type(optimizer)(params),  # pyright: ignore[reportCallIssue]  # torch's base class takes defaults; the module's own class has them
         (lambda opt: LambdaLR(opt, lambdas)) if lambdas is not None else None,
     )
 
@@ -80,6 +80,8 @@ class SwarmOptimizer(hivemind.Optimizer):
     rounds, downloads and skipped batches.
 
     ``max_steps``: the run's last swarm step (``trainer.max_steps``); no downloaded state may be past it."""
+
+    state_averager: TrainingStateAverager  # ours, as ``_make_state_averager`` builds it
 
     def __init__(
         self,
@@ -146,9 +148,15 @@ class SwarmOptimizer(hivemind.Optimizer):
             TrainingStateAverager, aggregation=self.aggregation
         )
         try:
-            return super()._make_state_averager(**kwargs)
+            averager = super()._make_state_averager(**kwargs)
         finally:
             hivemind_optimizer.TrainingStateAverager = state_averager.TrainingStateAverager
+        if not isinstance(averager, TrainingStateAverager):
+            raise TypeError(
+                f"hivemind built its state averager as {type(averager).__name__}, not from the name lent to it: read "
+                "SwarmOptimizer._make_state_averager against the installed hivemind's"
+            )
+        return averager
 
     def _maybe_schedule_gradient_averaging(self) -> None:
         if self.tracker.global_progress.num_peers <= 1:
@@ -237,12 +245,15 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def gradient_wire_bytes(self) -> float:
         """Bytes of this peer's gradients as compressed for a round (an estimate: hivemind's compression ratio)."""
-        compression = self.grad_averager.allreduce_kwargs["compression"]
+        averager = self.grad_averager
+        if averager is None:
+            raise RuntimeError("no gradient rounds: with use_local_updates hivemind makes no gradient averager")
+        compression = averager.allreduce_kwargs["compression"]  # hivemind's dict holds its other options too
+        if not isinstance(compression, CompressionBase):
+            raise TypeError(f"the gradient averager's compression is {compression!r}, not a hivemind CompressionBase")
         ratio = compression.estimate_compression_ratio
         # one averaged gradient per parameter, of its shape and dtype
-        return sum(
-            p.numel() * p.element_size() * ratio(CompressionInfo.from_tensor(p)) for p in self.grad_averager.parameters
-        )
+        return sum(p.numel() * p.element_size() * ratio(CompressionInfo.from_tensor(p)) for p in averager.parameters)
 
     def load_state_from_peers(self, **kwargs) -> None:
         started, before = time.perf_counter(), self.local_epoch

@@ -72,6 +72,8 @@ def multiaddr_class() -> type:
     spec = importlib.util.spec_from_file_location(
         STANDALONE_MULTIADDR, folder / "__init__.py", submodule_search_locations=[str(folder)]
     )
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"hivemind's multiaddr package cannot be loaded from {folder}")
     package = importlib.util.module_from_spec(spec)
     sys.modules[STANDALONE_MULTIADDR] = package  # its modules import each other relatively, through this name
     spec.loader.exec_module(package)
@@ -190,7 +192,7 @@ class SwarmConfig(Section):
 
     @model_validator(mode="after")
     def _compatible_modes(self) -> SwarmConfig:
-        refusal = algorithm_named(self.algorithm).refusal(self)
+        refusal = algorithm_named(self.algorithm).refusal(self)  # pyright: ignore[reportArgumentType]  # the checker loads this file twice, as peer.core... and (through .typecheck) as vitpeer.peer.core...: one class
         if refusal is not None:
             raise ValueError(refusal)
         return self

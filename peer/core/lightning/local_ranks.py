@@ -23,6 +23,7 @@ how the parameters follow (each rank takes its shard of the replica): see ``Hive
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import hivemind
@@ -43,7 +44,7 @@ class _FollowerOptimizer(torch.optim.Optimizer):
     def __init__(self, param_groups: list[dict]):
         super().__init__([{"params": group["params"]} for group in param_groups], {})
 
-    def step(self, closure=None, **_: Any):
+    def step(self, closure: Callable[[], Any] | None = None, **_: Any) -> Any:
         with torch.enable_grad():
             return closure() if closure is not None else None
 
@@ -79,11 +80,11 @@ class LocalRanks(SwarmSteps):
                 self._sync_parameters()
         self._followed_epoch, self._followed_version = epoch, version
         if leaving:
-            self.lightning_module.trainer.should_stop = True
+            self._module.trainer.should_stop = True
 
     def _sync_parameters(self) -> None:
         """Every rank: the leader's parameters and buffers, by broadcast."""
-        module = self.lightning_module
+        module = self._module
         for tensor in [*module.parameters(), *module.buffers()]:
             torch.distributed.broadcast(tensor.data, src=0)
 
@@ -133,7 +134,8 @@ class HivemindFSDPStrategy(LocalRanks, ModelParallelStrategy):
 
     def _prepare_swarm_parameters(self) -> None:
         self._shards = [param for group in self.optimizers[0].param_groups for param in group["params"]]
-        fulls = [shard.full_tensor() for shard in self._shards]  # a collective: every rank takes part
+        # a collective: every rank takes part
+        fulls = [shard.full_tensor() for shard in self._shards]  # pyright: ignore[reportAttributeAccessIssue]  # FSDP2's parameters are DTensors; torch types them as Parameter
         if self.leader:
             self._replicas = [full.detach().to("cpu", copy=True).requires_grad_(True) for full in fulls]
 
@@ -148,11 +150,12 @@ class HivemindFSDPStrategy(LocalRanks, ModelParallelStrategy):
         def closure_and_gather():
             loss = closure()
             for index, shard in enumerate(self._shards):
-                full = shard.grad.full_tensor() if shard.grad is not None else None  # every rank takes part
+                # every rank takes part
+                full = shard.grad.full_tensor() if shard.grad is not None else None  # pyright: ignore[reportAttributeAccessIssue]  # a DTensor's gradient is a DTensor; torch types it as Tensor
                 if self.leader:
                     self._replicas[index].grad = None if full is None else full.to("cpu")
                 shard.grad = None
-            clip = self.lightning_module.trainer.gradient_clip_val
+            clip = self._module.trainer.gradient_clip_val
             if self.leader and clip:
                 torch.nn.utils.clip_grad_norm_(self._replicas, clip)
             return loss
@@ -165,9 +168,9 @@ class HivemindFSDPStrategy(LocalRanks, ModelParallelStrategy):
                 full = self._replicas[index].detach().to(self.root_device)
             else:
                 full = torch.empty(shard.shape, dtype=shard.dtype, device=self.root_device)
-            scattered = distribute_tensor(full, shard.device_mesh, shard.placements, src_data_rank=0)
-            shard.to_local().copy_(scattered.to_local())
-        for buffer in self.lightning_module.buffers():
+            scattered = distribute_tensor(full, shard.device_mesh, shard.placements, src_data_rank=0)  # pyright: ignore[reportAttributeAccessIssue]  # a DTensor, typed as Parameter
+            shard.to_local().copy_(scattered.to_local())  # pyright: ignore[reportAttributeAccessIssue]  # as above
+        for buffer in self._module.buffers():
             torch.distributed.broadcast(buffer.data, src=0)
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -26,12 +26,12 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hivemind
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.strategies import SingleDeviceStrategy
+from pytorch_lightning.strategies import SingleDeviceStrategy, Strategy
 from pytorch_lightning.utilities.data import extract_batch_size
 
 from vitpeer.peer.core.algorithms.base import PeerOptimizer, PeerSetup
@@ -48,7 +48,7 @@ def last_step(trainer: pl.Trainer) -> int | None:
     return trainer.max_steps if trainer.max_steps >= 0 else None
 
 
-class SwarmSteps:
+class SwarmSteps(Strategy if TYPE_CHECKING else object):
     """The swarm logic of every vitpeer strategy: ``HivemindStrategy`` below (one device) and, through
     ``core.lightning.local_ranks.LocalRanks``, ``HivemindDDPStrategy`` and ``HivemindFSDPStrategy`` (N local ranks,
     one peer).
@@ -57,7 +57,19 @@ class SwarmSteps:
     rank. After every local step every rank takes the leader's swarm epoch (``_follow_leader``), which
     ``_SwarmProgress`` turns into Lightning's step counter, and stops when the leader leaves (``leave``). How
     following ranks end each step with the leader's parameters is explained in ``core.lightning.local_ranks``.
+
+    A mixin of Lightning strategies: checkers see it on Lightning's ``Strategy``, so what it uses of the strategy it
+    is mixed into, and its ``super()`` calls, are checked; at run time that strategy comes after it in the MRO.
     """
+
+    # every Lightning strategy has these (a single device's as plain attributes), but Strategy declares neither
+    if TYPE_CHECKING:
+
+        @property
+        def local_rank(self) -> int: ...
+
+        @property
+        def world_size(self) -> int: ...
 
     def _init_swarm(self, swarm: SwarmConfig, dht: hivemind.DHT | None, events: SwarmEvents | None) -> None:
         self.swarm, self.dht, self.events = swarm, dht, events
@@ -84,6 +96,14 @@ class SwarmSteps:
         """The swarm step this rank is at: the leader's optimizer's, as last broadcast to followers."""
         return self.optimizer.local_epoch if self.leader else self._followed_epoch
 
+    @property
+    def _module(self) -> pl.LightningModule:
+        """The module being trained: the swarm hooks run only while a Trainer fits or tests one."""
+        module = self.lightning_module
+        if module is None:
+            raise RuntimeError("the strategy has no LightningModule: a Trainer connects it when it fits one")
+        return module
+
     def setup(self, trainer: pl.Trainer) -> None:
         check_precision(trainer.precision, self.root_device.type, swarm=True)
         if self.world_size > 1 and self.swarm.overlap:
@@ -105,9 +125,9 @@ class SwarmSteps:
             else:
                 self.optimizers = [self._follower_optimizer()]
             self.lr_scheduler_configs = []  # hivemind steps the scheduler once per swarm step, Lightning must not
-            trainer.callbacks.append(_SwarmProgress())
+            trainer.callbacks.append(_SwarmProgress())  # pyright: ignore[reportAttributeAccessIssue]  # Lightning's callback connector sets it; Trainer does not declare it
 
-    def _make_swarm_optimizer(self, trainer: pl.Trainer) -> PeerOptimizer:
+    def _make_swarm_optimizer(self, trainer: pl.Trainer) -> torch.optim.Optimizer:
         """The run's algorithm (``swarm.algorithm``) makes this peer's swarm optimizer from the module's own."""
         if len(self.optimizers) != 1:
             raise ValueError(f"HivemindStrategy trains with exactly one optimizer, got {len(self.optimizers)}")
@@ -115,8 +135,13 @@ class SwarmSteps:
             raise ValueError("HivemindStrategy takes at most one LR scheduler")
         scheduler = self.lr_scheduler_configs[0].scheduler if self.lr_scheduler_configs else None
         peer = PeerSetup(self.swarm, self.dht, self.events or SwarmEvents(), last_step(trainer), self._swarm_groups)
-        self.peer_optimizer = algorithm_named(self.swarm.algorithm).make_optimizer(peer, self.optimizers[0], scheduler)
-        return self.peer_optimizer
+        optimizer = algorithm_named(self.swarm.algorithm).make_optimizer(peer, self.optimizers[0], scheduler)
+        if not isinstance(optimizer, torch.optim.Optimizer):  # Lightning steps, saves and restores it as one
+            raise TypeError(
+                f"swarm.algorithm {self.swarm.algorithm!r} made a {type(optimizer).__name__}, not a torch Optimizer"
+            )
+        self.peer_optimizer = optimizer
+        return optimizer
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -140,8 +165,10 @@ class SwarmSteps:
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any):
         # hivemind counts samples, not steps, toward target_batch_size: this local step's samples on all ranks
+        if self._batch_size is None:
+            raise RuntimeError("a local step before its batch: on_train_batch_start reads the batch size")
         kwargs["batch_size"] = self._batch_size * self.world_size
-        max_steps = self.lightning_module.trainer.max_steps
+        max_steps = self._module.trainer.max_steps
         if self.leader and self.optimizer.local_epoch + 1 >= max_steps and not self.leave.is_set():
             self.optimizer.prepare_last_step(max_steps)  # peers end holding the same parameters
         result = super().optimizer_step(optimizer, self._hand_gradients(closure), model, **kwargs)
@@ -173,7 +200,7 @@ class SwarmSteps:
         epoch, and its parameters when they moved (or ``force``), to the following ranks."""
         self._followed_epoch = self.optimizer.local_epoch
         if self.leave.is_set():
-            self.lightning_module.trainer.should_stop = True
+            self._module.trainer.should_stop = True
 
     # --- where the strategies differ: what hivemind optimizes, how gradients reach it, who follows (local_ranks) --
 
@@ -245,7 +272,7 @@ class _SwarmProgress(pl.Callback):
         self.shown_epoch = -1
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
-        strategy: SwarmSteps = trainer.strategy
+        strategy = _swarm_strategy(trainer)
         step = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
         step.ready = step.completed = strategy.swarm_epoch  # global_step, max_steps and checkpoints: swarm steps
         if not strategy.leader:
@@ -279,4 +306,12 @@ class _SwarmProgress(pl.Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
-            pl_module.log("epoch", float(trainer.strategy.swarm_epoch), sync_dist=False)
+            pl_module.log("epoch", float(_swarm_strategy(trainer).swarm_epoch), sync_dist=False)
+
+
+def _swarm_strategy(trainer: pl.Trainer) -> SwarmSteps:
+    """The trainer's strategy, a ``SwarmSteps`` (``_SwarmProgress`` is added by one)."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, SwarmSteps):
+        raise TypeError(f"_SwarmProgress follows a vitpeer swarm strategy, not {type(strategy).__name__}")
+    return strategy

@@ -94,6 +94,7 @@ def reachable_maddrs(dht: hivemind.DHT, swarm: SwarmConfig) -> list[str]:
     listens_everywhere = any("/0.0.0.0/" in addr for addr in listen_maddrs(swarm))
     if listens_everywhere and not announce_maddrs(swarm):
         ports = {Multiaddr(addr).value_for_protocol("tcp") for addr in visible if "/tcp/" in addr}
+        ports = {port for port in ports if port is not None}  # None stands for no value: never tcp's
         route_ip = default_route_ip()
         if route_ip and not route_ip.startswith("127."):
             visible += [f"/ip4/{route_ip}/tcp/{port}/p2p/{peer_id}" for port in sorted(ports)]

@@ -29,9 +29,10 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import hivemind
 from cryptography.hazmat.primitives import serialization
@@ -42,8 +43,8 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator, conbytes
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
-from hivemind.utils import MSGPackSerializer, get_dht_time
-from pydantic.v1 import BaseModel, ValidationError, confloat, conint, constr, root_validator
+from hivemind.utils import MSGPackSerializer, ValueWithExpiration, get_dht_time
+from pydantic.v1 import BaseModel, Field, StrictStr, ValidationError, confloat, conint, root_validator
 
 from vitpeer.peer.core.averaging.hivemind_averagers import dht_node_validators
 
@@ -85,6 +86,22 @@ peer whose clock runs further ahead is refused until it fixes its clock."""
 RECORD_SLACK = 5.0
 """Seconds between a report's time and the moment the reporter computes its expiration (``time + REPORT_TTL``)."""
 
+# The numbers' types. hivemind's SchemaValidator checks pydantic v1 models, and pydantic v1 bounds a strict number only
+# with a call (``conint``, ``confloat``), which no type annotation may hold: checkers see the plain type, as they do
+# pydantic's own ``StrictInt``. (A string's bounds fit its annotation: ``Annotated[StrictStr, Field(max_length=...)]``.)
+if TYPE_CHECKING:
+    Total = WindowSamples = NonNegative = Positive = int
+    Loss = SamplesPerSecond = DhtTime = TotalSeconds = float
+else:
+    Total = conint(ge=0, le=MAX_TOTAL, strict=True)  # a count since a peer started
+    WindowSamples = conint(ge=0, le=MAX_WINDOW_SAMPLES, strict=True)
+    NonNegative = conint(strict=True, ge=0)
+    Positive = conint(strict=True, gt=0)
+    Loss = confloat(ge=0, le=MAX_LOSS, strict=True, allow_inf_nan=False)
+    SamplesPerSecond = confloat(ge=0, le=MAX_SAMPLES_PER_SECOND, strict=True, allow_inf_nan=False)
+    DhtTime = confloat(ge=0, strict=True, allow_inf_nan=False)
+    TotalSeconds = confloat(ge=0, le=MAX_TOTAL, strict=True, allow_inf_nan=False)  # seconds since a peer started
+
 
 class PeerReport(BaseModel):
     """What one peer says about itself. Strict types: hivemind refuses records that would need conversions. Strings
@@ -94,36 +111,36 @@ class PeerReport(BaseModel):
 
     # base58 libp2p peer id (about 52 characters) as the peer declares it: a label for /status readers, not an
     # identity (rows are keyed by the signing key, ``signer_id``)
-    peer_id: constr(strict=True, max_length=128)
-    step: conint(ge=0, le=MAX_TOTAL, strict=True)  # the swarm step (hivemind epoch) this peer is at
+    peer_id: Annotated[StrictStr, Field(max_length=128)]
+    step: Total  # the swarm step (hivemind epoch) this peer is at
     # mean training loss per sample since the previous record
-    loss: confloat(ge=0, le=MAX_LOSS, strict=True, allow_inf_nan=False) | None
+    loss: Loss | None
     # samples that mean is over: the weight of this loss in the swarm loss
-    window_samples: conint(ge=0, le=MAX_WINDOW_SAMPLES, strict=True)
+    window_samples: WindowSamples
     # this peer's throughput (hivemind's moving average)
-    samples_per_second: confloat(ge=0, le=MAX_SAMPLES_PER_SECOND, strict=True, allow_inf_nan=False)
-    samples: conint(ge=0, le=MAX_TOTAL, strict=True)  # samples this peer contributed since it started
-    mini_steps: conint(ge=0, le=MAX_TOTAL, strict=True)  # local steps (forward + backward) since it started
-    version: constr(strict=True, max_length=64)  # vitpeer version
-    hardware: constr(strict=True, max_length=256)  # e.g. "cuda: NVIDIA H100 80GB HBM3 x1" or "cpu: 16 cores"
-    time: confloat(ge=0, strict=True, allow_inf_nan=False)  # DHT time of the record (checked: ``out_of_bounds``)
+    samples_per_second: SamplesPerSecond
+    samples: Total  # samples this peer contributed since it started
+    mini_steps: Total  # local steps (forward + backward) since it started
+    version: Annotated[StrictStr, Field(max_length=64)]  # vitpeer version
+    hardware: Annotated[StrictStr, Field(max_length=256)]  # e.g. "cuda: NVIDIA H100 80GB HBM3 x1" or "cpu: 16 cores"
+    time: DhtTime  # DHT time of the record (checked: ``out_of_bounds``)
     # What the swarm cost this peer since it started (``core.averaging.events.SwarmTotals``,
     # ``SwarmReporter.swarm_costs``).
     # The defaults only spare callers that leave them out; they buy no compatibility: hivemind's schema check refuses
     # a record that does not parse into exactly itself, so nodes of this version refuse records without these
     # fields (from older peers), and older nodes refuse records with them.
-    algorithm: constr(strict=True, max_length=32) | None = None  # swarm.algorithm: "diloco" or "gradient"
-    rounds: conint(ge=0, le=MAX_TOTAL, strict=True) = 0  # swarm steps ended with a round, any outcome
-    averaged_rounds: conint(ge=0, le=MAX_TOTAL, strict=True) = 0  # rounds that averaged with other peers
-    failed_rounds: conint(ge=0, le=MAX_TOTAL, strict=True) = 0  # rounds that ended in an error or a timeout
+    algorithm: Annotated[StrictStr | None, Field(max_length=32)] = None  # swarm.algorithm: "diloco" or "gradient"
+    rounds: Total = 0  # swarm steps ended with a round, any outcome
+    averaged_rounds: Total = 0  # rounds that averaged with other peers
+    failed_rounds: Total = 0  # rounds that ended in an error or a timeout
     # estimated bytes sent in averaged rounds: 2 (N - 1) / N of its tensors
-    sent_bytes: conint(ge=0, le=MAX_TOTAL, strict=True) = 0
+    sent_bytes: Total = 0
     # total duration of the averaged rounds
-    averaging_seconds: confloat(ge=0, le=MAX_TOTAL, strict=True, allow_inf_nan=False) = 0.0
+    averaging_seconds: TotalSeconds = 0.0
     # the training thread blocked on the swarm
-    wait_seconds: confloat(ge=0, le=MAX_TOTAL, strict=True, allow_inf_nan=False) = 0.0
+    wait_seconds: TotalSeconds = 0.0
     # local steps' time, less the time blocked inside them
-    compute_seconds: confloat(ge=0, le=MAX_TOTAL, strict=True, allow_inf_nan=False) = 0.0
+    compute_seconds: TotalSeconds = 0.0
 
     @root_validator(skip_on_failure=True)
     def counts_agree(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -158,9 +175,14 @@ def out_of_bounds(report: PeerReport, expiration_time: float, now: float) -> str
 
 _OWNER = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
 
-SignerKey = conbytes(regex=rb"\[owner:ssh-rsa [A-Za-z0-9+/]+={0,2}\]\Z")
-"""A metrics record's subkey: exactly one RSA key, as ``RSASignatureValidator.local_public_key`` writes it (hivemind's
-``BytesWithPublicKey`` lets bytes surround it, so one key could sign many subkeys, and be many rows)."""
+# A metrics record's subkey (``SignerKey``): exactly one RSA key, as ``RSASignatureValidator.local_public_key`` writes
+# it. hivemind's ``BytesWithPublicKey`` (``OwnerKey``, a fingerprint's subkey) lets bytes surround it, so one key could
+# sign many subkeys, and be many rows. Both are pydantic v1 types made by a call (hivemind's ``conbytes``), as above.
+if TYPE_CHECKING:
+    SignerKey = OwnerKey = bytes
+else:
+    SignerKey = conbytes(regex=rb"\[owner:ssh-rsa [A-Za-z0-9+/]+={0,2}\]\Z")
+    OwnerKey = BytesWithPublicKey
 
 
 @functools.lru_cache(maxsize=4096)
@@ -177,7 +199,7 @@ def signer_id(subkey: bytes) -> str:
     if not isinstance(key, rsa.RSAPublicKey):
         raise ValueError("a record's subkey must name an RSA key")
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    protobuf = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
+    protobuf = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()  # pyright: ignore[reportAttributeAccessIssue]  # hivemind's generated protobuf modules have no types
     sha2_256 = bytes([0x12, 0x20])  # multihash: function code, digest length
     return PeerID(sha2_256 + hashlib.sha256(protobuf).digest()).to_base58()
 
@@ -185,13 +207,13 @@ def signer_id(subkey: bytes) -> str:
 class RunFingerprint(BaseModel):
     """What a peer trains, as published. ``digest`` decides; the rest is for the message a mismatch prints."""
 
-    digest: constr(strict=True, min_length=16, max_length=64)
-    model: constr(strict=True, max_length=200)
-    parameters: conint(strict=True, ge=0)
-    img_size: conint(strict=True, gt=0)
-    classes: conint(strict=True, gt=0)
-    wire_format: conint(strict=True, ge=0)
-    hyperparameters: constr(strict=True, max_length=2000) = "{}"
+    digest: Annotated[StrictStr, Field(min_length=16, max_length=64)]
+    model: Annotated[StrictStr, Field(max_length=200)]
+    parameters: NonNegative
+    img_size: Positive
+    classes: Positive
+    wire_format: NonNegative
+    hyperparameters: Annotated[StrictStr, Field(max_length=2000)] = "{}"
     """The run-level settings every peer must share (``core.swarm.fingerprint.RUN_SETTINGS``), as sorted JSON."""
 
     def describe(self) -> str:
@@ -202,7 +224,7 @@ class RunFingerprint(BaseModel):
 
 
 class FingerprintSchema(BaseModel):
-    fingerprint: dict[BytesWithPublicKey, RunFingerprint | None]
+    fingerprint: dict[OwnerKey, RunFingerprint | None]
 
 
 class MetricsSchema(BaseModel):
@@ -213,8 +235,9 @@ def metrics_key(run_id: str) -> str:
     return f"{run_id}_metrics"
 
 
-class _Counting:
-    """Mixin for a hivemind validator: count and log the records it refuses."""
+class _Counting(RecordValidatorBase if TYPE_CHECKING else object):
+    """Mixin for a hivemind validator: count and log the records it refuses. (Checkers see it on hivemind's base of
+    validators, whose ``validate`` it extends; at run time the validator it is mixed into comes next in the MRO.)"""
 
     reason = ""
     rejected = 0
@@ -226,7 +249,8 @@ class _Counting:
         except Exception:  # e.g. an [owner:...] that is no RSA key: hivemind raises instead of refusing
             pass
         self.rejected += 1
-        log.warning("refused a DHT record: %s (%d so far)", self.__doc__.split(":")[0].lower(), self.rejected)
+        what = (self.__doc__ or self.reason).split(":")[0].lower()  # a guard's docstring begins with what it refuses
+        log.warning("refused a DHT record: %s (%d so far)", what, self.rejected)
         return False
 
     def accepts(self, record: DHTRecord) -> bool:
@@ -279,7 +303,7 @@ async def _count_rejections(_dht: hivemind.DHT, node) -> dict[str, int]:
 
 def rejected_records(dht: hivemind.DHT) -> dict[str, int]:
     """Records this node refused so far, by reason (the validators run inside the DHT process)."""
-    return dht.run_coroutine(_count_rejections)
+    return dht.run_coroutine(_count_rejections)  # pyright: ignore[reportReturnType]  # hivemind's type is value-or-future; a future only with return_future=True
 
 
 def vitpeer_version() -> str:
@@ -296,7 +320,7 @@ def read_reports(dht: hivemind.DHT, run_id: str) -> list[SignedReport]:
     """The alive peers' newest reports (records expire on their own), one per signing key, sorted by the peer id they
     claim, then time. Every check of the validators is repeated: a node of another version, or one that runs no
     validators, may have handed the record on."""
-    found = dht.get(metrics_key(run_id), latest=True)
+    found: ValueWithExpiration[Any] | None = dht.get(metrics_key(run_id), latest=True)  # pyright: ignore[reportAssignmentType]  # hivemind's type is value-or-future; a future only with return_future=True
     if found is None or not isinstance(found.value, dict):
         return []
     now = get_dht_time()
@@ -322,7 +346,7 @@ def read_reports(dht: hivemind.DHT, run_id: str) -> list[SignedReport]:
     return sorted(newest.values(), key=lambda report: (report.peer_id, report.time))
 
 
-def aggregate(reports: list[PeerReport]) -> dict[str, Any]:
+def aggregate(reports: Sequence[PeerReport]) -> dict[str, Any]:
     """Swarm step, sample-weighted loss, total samples/s, the algorithm, what the swarm cost the peers
     (``communication``) and each alive peer's last report with its own costs per round. ``reports`` are one per
     signer (``read_reports``): rows carry ``signer``, None for a report that was never signed (tests)."""
@@ -370,7 +394,7 @@ def per_round(costs: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def communication(reports: list[PeerReport]) -> dict[str, Any]:
+def communication(reports: Sequence[PeerReport]) -> dict[str, Any]:
     """The alive peers' costs summed since each started, and the same per-round figures as each peer's."""
     sums = {key: sum(getattr(r, key) for r in reports) for key in COST_FIELDS}
     return {**sums, **per_round(sums)}
