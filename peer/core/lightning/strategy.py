@@ -213,7 +213,7 @@ class SwarmSteps(Strategy if TYPE_CHECKING else object):
 
     def _follower_optimizer(self) -> torch.optim.Optimizer:
         """A following rank's optimizer (see ``core.lightning.local_ranks``); one device has no following ranks."""
-        raise NotImplementedError("following local ranks need core.local_ranks.LocalRanks")
+        raise NotImplementedError("following local ranks need core.lightning.local_ranks.LocalRanks")
 
     def _hand_gradients(self, closure):
         """The closure hivemind runs: forward and backward leave the gradients where it reads them."""

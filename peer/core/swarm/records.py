@@ -60,10 +60,10 @@ REPORT_TTL = 60.0
 # skips it; within them a peer can still lie, but its weight in the swarm's figures stays bounded.
 
 MAX_SAMPLES_PER_SECOND = 10_000_000.0
-"""Samples per second one peer can train. ViT-B/16 at 224 px costs 3 x 33.7 GFLOPs per trained sample, so an H200
-(989 dense bf16 TFLOPs) trains at most ~9,800 samples/s at 100 % MFU, a node of 8 at most ~78,000; tiny models at
-small sizes are bound by their data loader long before 10 M. It also caps hivemind's throughput estimate, which can
-read up to 1e20 after a near-zero interval (``hivemind.utils.performance_ema``): the reporter clamps to it."""
+"""Samples per second one peer can train: far above what a node of today's GPUs can train a ViT-B at, and above what
+a tiny model's data loader feeds (README, Performance, "Figures behind choices in the code", has the arithmetic). It
+also caps hivemind's throughput estimate, which can jump after a near-zero interval
+(``hivemind.utils.performance_ema``): the reporter clamps to it."""
 
 MAX_WINDOW_SAMPLES = int(MAX_SAMPLES_PER_SECOND * REPORT_TTL)
 """Samples one record's loss can be over (its weight in the swarm loss): a peer publishes every swarm step or
