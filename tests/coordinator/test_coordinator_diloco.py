@@ -22,7 +22,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hivemind.compression import NoCompression
-from processes import Coordinator, free_port, listed, peer, peer_id, wait_for
+from processes import STOP_GRACE, Coordinator, free_port, listed, peer, peer_id, wait_for
 
 from vitpeer.coordinator.checkpoints import CheckpointStore
 from vitpeer.coordinator.state import open_swarm_state
@@ -207,6 +207,4 @@ def test_a_peer_joining_after_everyone_left_enters_at_the_coordinators_step(tmp_
             every=1,
         )
     finally:
-        stop_all(peers)
-        if coordinator.process is not None:
-            stop_all([coordinator.process])
+        stop_all([*peers, *filter(None, [coordinator.process])], grace=STOP_GRACE)

@@ -26,7 +26,7 @@ import hivemind
 import pytest
 from hivemind.utils import get_dht_time
 from keys import Keyring
-from processes import RUN_ID, Coordinator, fetch, free_port, listed, peer, peer_id, wait_for
+from processes import RUN_ID, STOP_GRACE, Coordinator, fetch, free_port, listed, peer, peer_id, wait_for
 
 from vitpeer.peer.core.runtime.processes import stop_all
 from vitpeer.peer.core.swarm.records import REPORT_TTL, PeerReport, metrics_key
@@ -101,7 +101,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         yield Scenario(coordinator, tmp, {row["peer_id"]: row for row in status["peers"] if row["peer_id"] in ids})
     finally:
         making_keys.shutdown(cancel_futures=True)
-        stop_all([*peers, *filter(None, [coordinator.process])])
+        stop_all([*peers, *filter(None, [coordinator.process])], grace=STOP_GRACE)
 
 
 def history(url: str) -> dict[str, Any]:
