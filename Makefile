@@ -41,7 +41,7 @@ test-tools:
 demo: $(STAMP)
 	$(VENV)/bin/vitpeer demo
 
-# lint, then the installed wheel (.ci/wheel-check: a new venv outside the checkout, 100-150 s), then the suite
+# lint, then the installed wheel (.ci/wheel-check: a new venv outside the checkout, about 10 s), then the suite
 test: $(STAMP) $(PROM)/promtool test-tools
 	$(LINT)
 	PYTHON=$(PYTHON) .ci/wheel-check

@@ -1,5 +1,5 @@
 """Shared fixtures: every process a test starts is reaped, even when the test fails; GPU tests skip without one;
-in CI, tests that need a system tool fail where they would skip (``ci_tools``)."""
+in CI, tests that need a system tool fail where they would skip (``ci_tools``); one torch thread per process."""
 
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ import torch
 from ci_tools import pytest_runtest_makereport  # noqa: F401 (a hook: pytest finds it by its name here)
 
 from vitpeer.peer.core.runtime.processes import descendants
+
+# One torch thread per process, in this one (in-process peers and fits), the hivemind processes it forks, and every
+# process a test starts (they inherit the environment): the swarm tests run several torch processes at once, and with
+# torch's default of one thread per core each, two of them on 2 cores ran 8x slower. Measured here: the in-process
+# peer of test_strategy.py took 8.9-11.1 s with the default, 5.1-5.3 s with one thread.
+THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
+torch.set_num_threads(THREADS)
 
 KEEP = {"torch_shm_manag"}  # torch's shared-memory helper: it leaves with us, and killing it first aborts the exit
 

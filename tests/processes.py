@@ -2,8 +2,8 @@
 
 Shared by the multi-process tests (``tests/coordinator``, ``tests/monitor``); importable because pytest puts
 ``tests/`` (the root conftest's directory) on ``sys.path``. Callers stop what they start with the library's
-``vitpeer.peer.core.runtime.processes.stop_all`` in a ``finally`` block; the session fixture in ``conftest.py`` reaps
-anything left.
+``vitpeer.peer.core.runtime.processes.stop_all`` in a ``finally`` block (``grace=STOP_GRACE`` where the test has
+judged everything it needs from them); the session fixture in ``conftest.py`` reaps anything left.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ from typing import Any
 CONFIG = "digits_tiny"
 RUN_ID = "vitpeer-digits"  # digits_tiny's run id
 METRICS_AT = r"metrics for Prometheus at (http://\S+)"  # what join and monitor print once their exporter listens
+STOP_GRACE = 2.0
+"""Seconds a test's processes get to exit on SIGTERM once the test is done with them, then SIGKILL (their hivemind
+processes and p2p daemons die with them: ``children_die_with_us``). A peer's clean leave can take its whole deadline
+and goodbye, 9 s, when the peers it averages with are stopped at the same moment (seen at the end of
+test_prometheus.py and of the coordinator's diloco run); the tests that judge a leave (test_leave.py) do not use it."""
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hivemind.compression import NoCompression
-from processes import Coordinator, free_port, peer, rejoin, wait_for
+from processes import STOP_GRACE, Coordinator, free_port, peer, rejoin, wait_for
 
 from vitpeer.coordinator.checkpoints import CheckpointStore
 from vitpeer.coordinator.state import open_swarm_state
@@ -192,6 +192,4 @@ def test_a_peer_joining_after_everyone_left_enters_at_the_coordinators_step(tmp_
 
         assert rejoin(peers, 3, tmp_path, coordinator, past=kept, timeout=90) == kept  # the coordinator's state
     finally:
-        stop_all(peers)
-        if coordinator.process is not None:
-            stop_all([coordinator.process])
+        stop_all([*peers, *filter(None, [coordinator.process])], grace=STOP_GRACE)

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import pytest
 from builders import peer_report
 from hivemind.utils import get_dht_time
 from keys import Keyring
-from processes import RUN_ID, Coordinator, fetch, free_port, listed, peer, peer_id, wait_for
+from processes import RUN_ID, STOP_GRACE, Coordinator, fetch, free_port, listed, peer, peer_id, wait_for
 
 from vitpeer.peer.core.runtime.processes import stop_all
 from vitpeer.peer.core.swarm.records import REPORT_TTL, metrics_key
@@ -48,14 +49,14 @@ class Scenario:
     real: dict[str, dict[str, Any]]  # the two training peers' rows of /status, by claimed peer id
 
 
-def store_made_up_peers(initial_peers: list[str]) -> None:
-    """``MADE_UP`` signed records of peers that train nothing (step 0, no loss); the first one's hardware is hostile."""
-    keyring = Keyring(MADE_UP)
+def store_made_up_peers(initial_peers: list[str], keyring: Keyring) -> None:
+    """Signed records of peers that train nothing (step 0, no loss), one per key of ``keyring``; the first one's
+    hardware is hostile."""
     node = hivemind.DHT(
         initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[keyring], start=True
     )
     try:
-        now = get_dht_time()
+        now, stored = get_dht_time(), []
         for index, key in enumerate(keyring.keys):
             report = peer_report(
                 peer_id=f"made-up-peer-{index:03d}",
@@ -66,7 +67,10 @@ def store_made_up_peers(initial_peers: list[str]) -> None:
                 time=now,
                 algorithm="gradient",
             )
-            node.store(metrics_key(RUN_ID), subkey=key, value=report.dict(), expiration_time=now + REPORT_TTL)
+            record = {"subkey": key, "value": report.dict(), "expiration_time": now + REPORT_TTL}
+            stored.append(node.store(metrics_key(RUN_ID), **record, return_future=True))  # one by one took 10 s
+        for future in stored:
+            future.result(timeout=60)
     finally:
         node.shutdown()
 
@@ -77,6 +81,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     state_dir = tmp / "coordinator"
     coordinator = Coordinator(state_dir, free_port(), tmp / "coordinator.log", checkpoint_every=4)
     peers: list[subprocess.Popen] = []
+    making_keys = ThreadPoolExecutor(1)
+    keyring = making_keys.submit(Keyring, MADE_UP)  # 100 RSA keys took 4 s: made while the swarm starts
     try:
         coordinator.start()
         peers = [peer(1, tmp, coordinator), peer(2, tmp, coordinator)]
@@ -85,13 +91,14 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         wait_for("both peers in /status", lambda: set(ids) <= set(listed(coordinator.status())), 90)
         wait_for("5 swarm steps in the history", lambda: len(history(coordinator.url)["points"]) >= 5, 120, every=1)
         wait_for("the best model's export", lambda: (state_dir / "best" / "model.safetensors").is_file(), 120, every=1)
-        store_made_up_peers((state_dir / "initial_peers.txt").read_text().split())
+        store_made_up_peers((state_dir / "initial_peers.txt").read_text().split(), keyring.result(timeout=120))
         status = wait_for(
             "the made-up peers in /status", lambda: (s := coordinator.status())["alive_peers"] >= MADE_UP + 2 and s, 30
         )
         yield Scenario(coordinator, tmp, {row["peer_id"]: row for row in status["peers"] if row["peer_id"] in ids})
     finally:
-        stop_all([*peers, *filter(None, [coordinator.process])])
+        making_keys.shutdown(cancel_futures=True)
+        stop_all([*peers, *filter(None, [coordinator.process])], grace=STOP_GRACE)
 
 
 def history(url: str) -> dict[str, Any]:

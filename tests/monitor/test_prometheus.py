@@ -17,7 +17,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from processes import CONFIG, METRICS_AT, Coordinator, fetch, free_port, peer, peer_id, printed, spawn, wait_for
+from processes import (
+    CONFIG,
+    METRICS_AT,
+    STOP_GRACE,
+    Coordinator,
+    fetch,
+    free_port,
+    peer,
+    peer_id,
+    printed,
+    spawn,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from test_dashboard import METRICS as DASHBOARD_METRICS
 
@@ -240,4 +252,4 @@ def test_prometheus_sees_the_swarm_train(tmp_path: Path, promtool: Path, prometh
         sent = wait_for("both peers' bytes sent, from their records", sent_by_both, 30)
         print(f"bytes sent, from the records: {sent}")
     finally:
-        stop_all(processes)
+        stop_all(processes, grace=STOP_GRACE)

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 from hostile import ROUND_MARK
-from processes import CONFIG, Coordinator, free_port, spawn, wait_for
+from processes import CONFIG, STOP_GRACE, Coordinator, free_port, spawn, wait_for
 
 from vitpeer.peer.core.config import resolve_config_path
 from vitpeer.peer.core.runtime.processes import stop_all
@@ -112,7 +112,7 @@ def scenario(tmp_path_factory) -> dict[str, Any]:
             record[name] = json.loads((swarm.out(name) / "all_results.json").read_text())
         yield record
     finally:
-        stop_all(swarm.all())
+        stop_all(swarm.all(), grace=STOP_GRACE)
 
 
 def late_join(swarm: Swarm, since: int, started: float) -> dict[str, Any]:
