@@ -35,6 +35,7 @@ import torch
 from hivemind.compression import CompressionBase, CompressionInfo
 from hivemind.optim import optimizer as hivemind_optimizer
 from hivemind.optim import state_averager
+from hivemind.utils import get_dht_time
 from torch.optim.lr_scheduler import LambdaLR
 
 from vitpeer.peer.core.averaging.aggregation import Aggregation, mean
@@ -94,6 +95,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.guard = PoisonGuard(self.events)  # keeps batches with NaN or Inf gradients out of the swarm
         self.aggregation = aggregation  # every round of both averagers reduces with it (``core.averaging.aggregation``)
         self.max_steps = max_steps
+        self.synced_at_end = False  # the run's last step was followed by the final state round (``finish_pending``)
         if not kwargs.get("use_local_updates"):  # hivemind refuses a gradient averager factory with local updates
             # hivemind 1.1.12 forwards averager_opts to the state averager only, though its docstring says both: the
             # gradient averager kept request_timeout = 3 s against a shorter matchmaking_time, which hivemind itself
@@ -288,8 +290,28 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def finish_pending(self) -> None:
         """Wait for the background state round (and, with ``overlap``, the optimizer step) still in flight and
-        apply its result to the parameters."""
+        apply its result to the parameters; at the run's last step, then average the state once more with the peers
+        still here (``_final_state_round``), so that every peer ends with the same parameters."""
         self.state_averager.step(wait_for_delayed_updates=True)
+        if self.max_steps is not None and self.local_epoch >= self.max_steps and not self.synced_at_end:
+            self.synced_at_end = True
+            self._final_state_round()
+
+    def _final_state_round(self) -> None:
+        """One blocking state round with every peer the tracker counts, open for ``averaging_timeout`` seconds.
+
+        The last step's state round averages only the peers that took that step together. A peer one step behind
+        (it took its last step alone, e.g. after joining late) would end apart from the others, who leave once they
+        reach ``max_steps``: here the first to finish waits for it, up to the window, and its own last state round
+        joins this one. A full group begins at once; a peer that counts no other skips it."""
+        if self.tracker.global_progress.num_peers <= 1:
+            return
+        self._size_groups(self.state_averager)
+        started = time.perf_counter()
+        window = self.averaging_timeout if self.averaging_timeout is not None else 60.0  # hivemind's default
+        options = {"scheduled_time": get_dht_time() + window, "timeout": 2 * window}
+        self.state_averager.step(averaging_round=True, delay_averaging=False, averaging_opts=options)
+        self.events.waited(time.perf_counter() - started)
 
     def stop_rounds(self) -> None:
         """Leaving: start no more state-averaging rounds. The gradient round in flight goes on, so the others, who
