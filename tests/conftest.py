@@ -3,8 +3,12 @@ in CI, tests that need a system tool fail where they would skip (``ci_tools``); 
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -39,6 +43,32 @@ def reap_children():
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+EXIT_GRACE = 60  # seconds the interpreter may take to exit once pytest is done
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Once pytest is done, the interpreter has ``EXIT_GRACE`` seconds to exit, else it exits with pytest's status.
+
+    In-process hivemind objects a failed test could not shut down leave threads behind, and Python's exit joins them
+    (``concurrent.futures`` joins every executor thread): one blocked on a lock held CI past its limit after all tests
+    had run. The stacks of what still runs are printed, so the leak can be found."""
+    status = config.stash.get(_EXIT_STATUS, 1)
+
+    def exit_anyway():
+        time.sleep(EXIT_GRACE)
+        print(f"\nthe test process did not exit {EXIT_GRACE} s after pytest finished; its threads:", file=sys.stderr)
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(status)
+
+    threading.Thread(target=exit_anyway, name="exit-watchdog", daemon=True).start()
 
 
 def pytest_collection_modifyitems(config, items):

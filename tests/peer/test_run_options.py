@@ -142,3 +142,24 @@ def test_evaluate_refuses_a_corrupt_checkpoint_in_one_line(tmp_path: Path):
     done = vitpeer("evaluate", str(tmp_path / "broken.ckpt"))
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode != 0 and len(lines) == 1 and "is not a readable checkpoint" in lines[0], done.stderr
+
+
+LOG_A_FAILED_ROUND = """
+import logging
+from vitpeer.peer.core.config.options import setup_logging
+setup_logging(verbose=False)
+try:
+    raise TimeoutError("averaging round 7 timed out")
+except TimeoutError as err:
+    logging.getLogger("hivemind.averaging.averager").exception(err)
+"""
+
+
+def test_a_library_error_is_one_line():
+    """hivemind logs each failed averaging round with its traceback (training goes on): a volunteer sees one line
+    (``--verbose`` keeps the traceback)."""
+    done = subprocess.run([sys.executable, "-c", LOG_A_FAILED_ROUND], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "round 7" in line]
+    assert len(said) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "[ERROR] [hivemind.averaging.averager" in said[0] and "TimeoutError: averaging round 7" in said[0], said

@@ -326,14 +326,26 @@ def dht_node_validators(node) -> list[RecordValidatorBase]:
     return list(node.protocol.record_validator._validators)
 
 
+GOODBYE_WAIT = 10.0  # seconds a leaving peer waits for its farewell records to be stored before it goes anyway
+
+
+def store_farewell(dht: hivemind.DHT, key: str, subkey, expiration: float, what: str) -> None:
+    """Store ``None`` under ``key``/``subkey`` (a record's goodbye) and wait for it, at most ``GOODBYE_WAIT`` seconds.
+
+    ``DHT.store`` without a future waits forever: a DHT process too busy to answer (CI saw one, under load) hung the
+    leaving peer, and the test process with it. A farewell is a courtesy: leaving never fails or hangs on it, and a
+    record not cleared expires on its own."""
+    try:
+        dht.store(key, None, expiration, subkey=subkey, return_future=True).result(timeout=GOODBYE_WAIT)  # pyright: ignore[reportAttributeAccessIssue]  # a future with return_future=True
+    except Exception as err:
+        log.warning("could not clear this peer's %s record on leaving (%r); it expires on its own", what, err)
+
+
 def say_goodbye(dht: hivemind.DHT, tracker) -> None:
-    """Tell the others this peer is gone: its progress record set to None, and wait until it is stored.
+    """Tell the others this peer is gone: its progress record set to None, waiting until it is stored.
 
     hivemind's own goodbye (in ``shutdown``) does not wait for the store, so a DHT shut down right after loses it, and
     the others count this peer, and wait for it in their rounds, until its record expires."""
     expiration = get_dht_time() + tracker.metadata_expiration
-    try:
-        # the record hivemind's own goodbye writes: peers' progress is keyed by their signing key, kept private
-        dht.store(tracker.training_progress_key, None, expiration, subkey=tracker._local_public_key)
-    except Exception as err:  # the goodbye is a courtesy: leaving must not fail on it
-        log.warning("could not tell the swarm this peer left: %r", err)
+    # the record hivemind's own goodbye writes: peers' progress is keyed by their signing key, kept private
+    store_farewell(dht, tracker.training_progress_key, tracker._local_public_key, expiration, "progress")

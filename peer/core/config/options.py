@@ -363,3 +363,18 @@ def setup_logging(verbose: bool, *, report: bool = False) -> None:
     ours.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:
+        for handler in logging.getLogger().handlers:  # hivemind's handler, moved to the root logger above
+            handler.addFilter(one_line_library_errors)
+
+
+def one_line_library_errors(record: logging.LogRecord) -> bool:
+    """A library's error with a traceback becomes one line, the exception's type and message (``--verbose`` keeps the
+    traceback). hivemind logs every averaging round that failed (a peer too slow, one that left) with its traceback,
+    at ERROR: training goes on, and a volunteer reading a traceback believes their peer crashed."""
+    if record.exc_info and record.exc_info[1] is not None and not record.name.startswith(OUR_LOGGER):
+        error, message = record.exc_info[1], record.getMessage()
+        detail = f"{type(error).__name__}: {error}"
+        record.msg, record.args = detail if message == str(error) else f"{message} ({detail})", None
+        record.exc_info, record.exc_text = None, None
+    return True

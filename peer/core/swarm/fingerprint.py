@@ -23,6 +23,7 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
+from vitpeer.peer.core.averaging.hivemind_averagers import store_farewell
 from vitpeer.peer.core.config import ConfigError, RunConfig
 from vitpeer.peer.core.model import image_config
 from vitpeer.peer.core.swarm.records import RunFingerprint
@@ -149,13 +150,13 @@ class FingerprintKeeper(pl.Callback):
         if self._thread is None or self._stopped.is_set():
             return
         self._stopped.set()
-        self._store(None, wait=True)
+        store_farewell(self.dht, self.key, self.subkey, get_dht_time() + TTL, "fingerprint")
 
     def _refresh(self) -> None:
         while not self._stopped.wait(TTL / 3):
             self._store(self.fingerprint.dict(), wait=False)
 
-    def _store(self, value: dict | None, wait: bool) -> None:
+    def _store(self, value: dict, wait: bool) -> None:
         try:
             self.dht.store(self.key, value, get_dht_time() + TTL, subkey=self.subkey, return_future=not wait)
         except Exception as err:  # a DHT that is shutting down: the record expires on its own

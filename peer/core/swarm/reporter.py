@@ -28,6 +28,7 @@ from hivemind.utils import get_dht_time
 from pytorch_lightning.utilities.data import extract_batch_size
 
 from vitpeer.peer.core.averaging.events import SwarmEvents, SwarmTotals
+from vitpeer.peer.core.averaging.hivemind_averagers import store_farewell
 from vitpeer.peer.core.config import SwarmConfig
 from vitpeer.peer.core.swarm.records import (
     MAX_LOSS,
@@ -118,7 +119,7 @@ class SwarmReporter(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a goodbye: the record becomes None, so the coordinator stops listing this peer at once
-        self.dht.store(self.key, subkey=self.subkey, value=None, expiration_time=get_dht_time() + REPORT_TTL)
+        store_farewell(self.dht, self.key, self.subkey, get_dht_time() + REPORT_TTL, "metrics")
 
     def publish(self, step: int, samples_per_second: float) -> None:
         report = self.report(step, samples_per_second)
