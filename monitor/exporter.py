@@ -11,7 +11,7 @@ Series, besides the host's (``vitpeer.monitor.host``) and prometheus_client's st
     vitpeer_swarm_peers                        swarm size this peer sees
     vitpeer_swarm_samples_accumulated          samples the swarm gathered toward the next step
     vitpeer_target_batch_size                  samples per swarm step
-    vitpeer_averaging_rounds_total{outcome}    averaged | failed | alone (see ``core.averaging.events.SwarmEvents``)
+    vitpeer_averaging_rounds_total{outcome}    averaged | failed | rejected | alone (``core.averaging.events``)
     vitpeer_averaging_round_duration_seconds   histogram: (pseudo-)gradients handed over -> round finished
     vitpeer_averaging_sent_bytes_total         estimated bytes sent in averaged rounds: 2 (N - 1) / N of the
                                                tensors as compressed, per round among N peers (state rounds,
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from vitpeer.peer.core.lightning import PeerStrategy
     from vitpeer.peer.core.swarm.reporter import SwarmReporter
 
-ROUND_OUTCOMES = ("averaged", "failed", "alone")
+ROUND_OUTCOMES = ("averaged", "failed", "rejected", "alone")
 DOWNLOAD_OUTCOMES = ("loaded", "current", "failed", "refused")
 SKIP_REASONS = ("nonfinite", "behind")
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)

@@ -15,7 +15,7 @@ from fits import fit
 
 from vitpeer.peer.core.algorithms.base import PeerOptimizer, PeerSetup
 from vitpeer.peer.core.algorithms.diloco import DiLoCoAlgorithm
-from vitpeer.peer.core.averaging.aggregation import mean
+from vitpeer.peer.core.averaging.aggregation import AGGREGATIONS, centered_clip, mean, refusal, trimmed_mean
 from vitpeer.peer.core.averaging.hivemind_averagers import GroupSizedAverager
 from vitpeer.peer.core.config import ALGORITHMS, ConfigError, load_config
 from vitpeer.peer.core.lightning.strategy import HivemindStrategy
@@ -76,7 +76,9 @@ def first_sender(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> tor
     return torch.stack(list(parts)).amin(dim=0)
 
 
-@pytest.mark.parametrize("rule", [mean, first_sender], ids=["mean", "coordinate-wise min"])
+@pytest.mark.parametrize(
+    "rule", [mean, centered_clip, first_sender], ids=["mean", "centered_clip", "coordinate-wise min"]
+)
 def test_every_averager_reduces_its_rounds_with_the_run_s_aggregation_rule(rule):
     """Three real averagers on 127.0.0.1 average a 3-part tensor: each receives what the rule makes of the three
     peers' values (hivemind's own reducer would hand each the weighted mean)."""
@@ -115,3 +117,40 @@ def test_every_averager_reduces_its_rounds_with_the_run_s_aggregation_rule(rule)
             averager.shutdown()
         for dht in reversed(dhts):
             dht.shutdown()
+
+
+@pytest.mark.parametrize("rule", sorted(AGGREGATIONS))
+def test_one_liar_of_three_or_four_moves_a_robust_rule_no_farther_than_the_honest_parts(rule: str):
+    """Honest parts near 1; one liar sends -1000 everywhere and declares a weight of a million."""
+    torch.manual_seed(0)
+    for honest_count in (2, 3):
+        honest = [1 + 0.1 * torch.randn(5000) for _ in range(honest_count)]
+        reduced = AGGREGATIONS[rule]([*honest, torch.full((5000,), -1000.0)], [1.0] * honest_count + [1e6])
+        distance = float((reduced - torch.stack(honest).mean(dim=0)).norm() / (5000**0.5))  # per coordinate
+        if rule == "mean":
+            assert distance > 900, distance  # hivemind's rule: the liar decides the round
+        else:
+            assert distance < 0.1, (honest_count, distance)  # the honest parts' own spread: 0.1 per coordinate
+
+
+def test_a_clean_round_s_robust_result_is_close_to_the_mean():
+    """The price of robustness when nobody lies: centered_clip stays within a tenth of the honest spread."""
+    torch.manual_seed(0)
+    parts = [torch.randn(5000) for _ in range(4)]
+    plain = mean(parts, [1.0] * 4)
+    assert float((centered_clip(parts, [1.0] * 4) - plain).norm() / plain.norm()) < 0.1
+    assert float((trimmed_mean(parts, [1.0] * 4) - plain).norm() / plain.norm()) < 0.6
+
+
+def test_what_a_peer_receives_is_checked_before_it_is_applied():
+    own = [torch.ones(10), torch.ones(3)]
+    assert refusal([2 * t for t in own], own, 8.0, apart=False) is None
+    assert (
+        refusal([100 * t for t in own], own, 8.0, apart=False) == "100 times as long as what this peer sent (at most 8)"
+    )
+    assert refusal([-0.5 * t for t in own], own, 8.0, apart=False) == "it points against this peer's own progress"
+    nan = [own[0], torch.tensor([1.0, float("nan"), 1.0])]
+    assert refusal(nan, own, 8.0, apart=False) == "non-finite values (NaN or Inf)"
+    assert refusal([t + 0.1 for t in own], own, 0.5, apart=True) is None
+    far = refusal([t + 1 for t in own], own, 0.5, apart=True)
+    assert far == "1 times the length of what this peer sent, away from it (at most 0.5)"

@@ -133,6 +133,8 @@ class SwarmAlgorithm(Protocol):
     """The value of ``swarm.algorithm`` that selects it; written into every checkpoint and record of its runs."""
     default_compression: str
     """What its averaged tensors travel as when ``swarm.compression`` is unset (``none``, ``fp16`` or ``8bit``)."""
+    default_aggregation: str
+    """How its rounds combine the peers' parts when ``swarm.aggregation`` is unset (``core.averaging.aggregation``)."""
     local_strategies: tuple[str, ...]
     """The ``parallel.strategy`` values a peer of this algorithm may use (several local ranks as one peer or not)."""
 

@@ -66,6 +66,7 @@ class DiLoCoAlgorithm:
 
     name = "diloco"
     default_compression = "fp16"  # pseudo-gradients lose nothing in fp16 (OpenDiLoCo); syncs are exact either way
+    default_aggregation = "centered_clip"  # rounds minutes apart: the robust rule's cost is small beside them
     local_strategies = ("single",)  # several local ranks in one diloco peer: not yet
 
     def refusal(self, swarm: SwarmConfig) -> str | None:
@@ -104,7 +105,7 @@ class DiLoCoAlgorithm:
             outer_lr=swarm.outer_lr,
             outer_momentum=swarm.outer_momentum,
             compression=compression(swarm.wire_compression),
-            aggregation=AGGREGATIONS[swarm.aggregation],
+            aggregation=AGGREGATIONS[swarm.rule],
             matchmaking_time=swarm.matchmaking_time,
             averaging_timeout=swarm.averaging_timeout,
             load_state_timeout=swarm.load_state_timeout,

@@ -17,7 +17,7 @@ from hivemind.compression import CompressionBase, CompressionInfo
 from hivemind.optim.progress_tracker import ProgressTracker
 
 from vitpeer.peer.core.algorithms.diloco_shared import OuterAverager, SharedState
-from vitpeer.peer.core.averaging.aggregation import Aggregation, mean
+from vitpeer.peer.core.averaging.aggregation import Aggregation, mean, refusal
 from vitpeer.peer.core.averaging.events import allreduce_bytes_sent
 from vitpeer.peer.core.averaging.hivemind_averagers import GroupSizedAverager
 
@@ -25,6 +25,11 @@ REPORT_EVERY = 0.25
 """Seconds between progress reports. hivemind's tracker stores a signed DHT record at every report; one per local
 step kept the DHT process busy on the trainer's core. Others' estimates extrapolate
 from a report with its samples per second, and they fetch at most every 0.5 s, so 0.25 s loses nothing."""
+
+ROUND_BOUND = 8.0
+"""A round's result (the swarm's pseudo-gradient) may be at most this many times as long as this peer's own: a
+longer one is rejected, never applied (``aggregation.refusal``). Peers of a round trained different numbers of local
+steps, on different data, so honest results differ from each peer's own, but by nothing like a factor of 8."""
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,8 @@ class RoundResult:
 
     epoch: int
     outcome: str
-    """``averaged`` (with others), ``alone`` (no other peer) or ``failed`` (not applied; the state is downloaded)."""
+    """``averaged`` (with others), ``alone`` (no other peer), ``failed`` or ``rejected`` (its result failed the check
+    of what a peer receives); neither of the last two is applied."""
     group_size: int
     seconds: float
     """From the hand-off until the result was applied (or given up)."""
@@ -232,12 +238,17 @@ class DiLoCo(SharedState):
             if gathered:
                 with self.averager.get_tensors() as buffers:  # pyright: ignore[reportGeneralTypeIssues]  # hivemind annotates this context manager as the tensors it yields
                     average = [buffer.clone() for buffer in buffers]
+                why = refusal(average, pending.own, ROUND_BOUND, apart=False)
+                if why is not None:
+                    outcome, group_size = "rejected", 0
+                    log.warning("rejected the result of the round of swarm step %d: %s", pending.epoch, why)
         sent = allreduce_bytes_sent(self.wire_bytes, group_size) if outcome == "averaged" else 0
-        self.out_of_step = outcome == "failed" or (outcome == "averaged" and group_size < pending.peers)
+        self.out_of_step = outcome in ("failed", "rejected") or (outcome == "averaged" and group_size < pending.peers)
         self.last_alone = outcome == "alone"
         self.rounds.append(RoundResult(pending.epoch, outcome, group_size, time.perf_counter() - pending.started, sent))
-        if outcome == "failed":  # not applied: its progress stays in the local parameters and joins the next round
-            log.warning("the round of swarm step %d failed; its progress goes into the next round", pending.epoch)
+        if outcome in ("failed", "rejected"):  # not applied: its progress stays local and joins the next round
+            if outcome == "failed":
+                log.warning("the round of swarm step %d failed; its progress goes into the next round", pending.epoch)
             return
         with torch.no_grad(), self.lock:
             for s, g in zip(self.shared, average, strict=True):

@@ -13,8 +13,14 @@ import hivemind
 import torch
 from hivemind.optim.progress_tracker import ProgressTracker
 
+from vitpeer.peer.core.averaging.aggregation import refusal
 from vitpeer.peer.core.averaging.hivemind_averagers import GroupSizedAverager
 from vitpeer.peer.core.averaging.remote_state import StateCheck, download_bound
+
+SYNC_BOUND = 2.0
+"""An exact sync's result may be at most this far from this peer's own shared state, relative to that state's length;
+a farther one is rejected. Loose on purpose: a sync exists to bring together peers that trained apart (a peer alone
+for the first swarm steps ended 0.82 of its length away from a fresh joiner's), so this catches only garbage."""
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +129,12 @@ class SharedState:
         if gathered:
             with self.syncer.get_tensors() as buffers:  # pyright: ignore[reportGeneralTypeIssues]  # hivemind annotates this context manager as the tensors it yields
                 synced = [buffer.clone() for buffer in buffers]
-            self._take_outer_state(synced if self.sync_momentum else synced + full[len(self.shared) :])
+            why = refusal(synced, state, SYNC_BOUND, apart=True)
+            if why is not None:
+                log.warning("rejected the synced shared state: %s", why)
+                gathered = None
+            else:
+                self._take_outer_state(synced if self.sync_momentum else synced + full[len(self.shared) :])
         self.wait_seconds += time.perf_counter() - started
         return bool(gathered)
 

@@ -40,6 +40,7 @@ class GradientAlgorithm:
 
     name = "gradient"
     default_compression = "none"
+    default_aggregation = "mean"  # a round every target batch: robust rules not yet measured at that rate
     local_strategies = ("single", "ddp", "fsdp")
 
     def refusal(self, swarm: SwarmConfig) -> str | None:
@@ -59,7 +60,7 @@ class GradientAlgorithm:
 
         params, optimizer, scheduler_factory = factory_form(inner, scheduler)
         swarm = peer.swarm
-        aggregation = AGGREGATIONS[swarm.aggregation]
+        aggregation = AGGREGATIONS[swarm.rule]
         return SwarmOptimizer(
             events=peer.events,
             dht=peer.dht,

@@ -36,7 +36,8 @@ class SwarmTotals:
     averaged_rounds: int = 0
     """Rounds that averaged with other peers."""
     failed_rounds: int = 0
-    """Rounds that ended in an error or a timeout (this peer went on with its own gradients or progress)."""
+    """Rounds that ended in an error or a timeout, or whose result was rejected (this peer went on with its own
+    gradients or progress)."""
     sent_bytes: int = 0
     """Estimated bytes this peer sent in averaged rounds (see ``allreduce_bytes_sent``). Only the gradient or
     pseudo-gradient rounds: state-averaging rounds (``gradient``), exact syncs (``diloco``) and state downloads
@@ -68,7 +69,9 @@ class SwarmEvents:
 
     def averaging_round(self, outcome: str, seconds: float | None, sent_bytes: int = 0) -> None:
         """An averaging round ended: ``averaged`` (with others), ``failed`` (error or timeout: this peer went on
-        with its own gradients or progress) or ``alone`` (no other peer: nothing to average). ``seconds``: from
+        with its own gradients or progress), ``rejected`` (its result failed the check of what a peer receives,
+        ``core.averaging.aggregation.refusal``: not applied; counted as failed in ``totals``) or ``alone`` (no other
+        peer: nothing to average). ``seconds``: from
         handing this peer's tensors to the round until it ended, None when no round ran. ``sent_bytes``: estimated
         bytes this peer sent in it (``allreduce_bytes_sent``), 0 unless averaged."""
         with self._lock:
@@ -77,7 +80,7 @@ class SwarmEvents:
                 self.totals.averaged_rounds += 1
                 self.totals.sent_bytes += sent_bytes
                 self.totals.averaging_seconds += seconds or 0.0
-            elif outcome == "failed":
+            elif outcome in ("failed", "rejected"):
                 self.totals.failed_rounds += 1
 
     def waited(self, seconds: float) -> None:

@@ -108,6 +108,7 @@ JOIN_FLAGS = (
     Flag("swarm.averaging_timeout"),
     Flag("swarm.load_state_timeout"),
     Flag("swarm.compression"),
+    Flag("swarm.aggregation"),
     Flag("swarm.local_updates"),
     Flag("swarm.overlap"),
     Flag("swarm.average_state_every"),

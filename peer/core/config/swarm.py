@@ -136,10 +136,20 @@ class SwarmConfig(Section):
             return self.compression
         return algorithm_named(self.algorithm).default_compression
 
-    aggregation: Literal["mean"] = "mean"
+    aggregation: Literal["mean", "trimmed_mean", "centered_clip"] | None = None
     """How a round turns the parts the peers send into the part each receives (``core.averaging.aggregation``):
-    ``mean``, the mean weighted by what each peer declares (hivemind's own rule). Applies to every averaging round:
-    gradients, parameters, diloco's pseudo-gradients and its exact syncs."""
+    ``mean``, weighted by what each peer declares (hivemind's own rule: one hostile peer moves every peer's model as
+    far as it likes); ``trimmed_mean``, per coordinate without the extremes; ``centered_clip``, each peer's part
+    clipped around a robust centre. The robust two weigh every peer the same. Applies to every averaging round:
+    gradients, parameters, diloco's pseudo-gradients and its exact syncs. Unset: the algorithm's default
+    (``centered_clip`` for ``diloco``, ``mean`` for ``gradient``)."""
+
+    @property
+    def rule(self) -> str:
+        """``aggregation``, or the algorithm's default when unset."""
+        if self.aggregation is not None:
+            return self.aggregation
+        return algorithm_named(self.algorithm).default_aggregation
 
     local_updates: bool = False
     """Apply local gradients every step and only average parameters each swarm step (fewer bytes, noisier)."""

@@ -41,6 +41,7 @@ RUN_SETTINGS = (
     "swarm.outer_momentum",
     "swarm.sync_every",
     "swarm.wire_compression",
+    "swarm.rule",
     "trainer.max_steps",
     "optim.lr",
     "optim.schedule",
