@@ -51,6 +51,8 @@ def test_our_averagers_speak_the_protocols_of_hivemind_s_own():
 ADAPTED = [
     "_make_state_averager",
     "_make_gradient_averager",
+    "_make_progress_tracker",
+    "_parse_swarm_progress_data",
     "_maybe_schedule_gradient_averaging",
     "_maybe_schedule_state_averaging",
     "_check_and_accumulate_gradients",

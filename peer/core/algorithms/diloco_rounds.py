@@ -14,12 +14,11 @@ import hivemind
 import torch
 from hivemind.averaging.control import StepControl
 from hivemind.compression import CompressionBase, CompressionInfo
-from hivemind.optim.progress_tracker import ProgressTracker
 
 from vitpeer.peer.core.algorithms.diloco_shared import OuterAverager, SharedState
 from vitpeer.peer.core.averaging.aggregation import Aggregation, mean, refusal
 from vitpeer.peer.core.averaging.events import allreduce_bytes_sent
-from vitpeer.peer.core.averaging.hivemind_averagers import GroupSizedAverager
+from vitpeer.peer.core.averaging.hivemind_averagers import GroupSizedAverager, PlausibleProgressTracker
 
 REPORT_EVERY = 0.25
 """Seconds between progress reports. hivemind's tracker stores a signed DHT record at every report; one per local
@@ -146,8 +145,14 @@ class DiLoCo(SharedState):
             allow_state_sharing=False,
             **averager_args,
         )
-        self.tracker = ProgressTracker(
-            dht, run_id, target_batch_size, client_mode=client_mode, metadata_expiration=progress_expiration, start=True
+        self.tracker = PlausibleProgressTracker(
+            dht,
+            run_id,
+            target_batch_size,
+            client_mode=client_mode,
+            metadata_expiration=progress_expiration,
+            start=True,
+            max_steps=max_steps,
         )
 
     # --- the training thread's one call ---------------------------------------------------------------------

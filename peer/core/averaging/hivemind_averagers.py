@@ -27,6 +27,9 @@ What each adapter here changes in hivemind, and the private names it touches:
   (``core.swarm.records``).
 - ``GroupSizedAverager``: a plain ``DecentralizedAverager`` with ``_GroupSized`` and ``_CheckedDownload`` (the DiLoCo
   rounds and state, ``core.algorithms.diloco``).
+- ``PlausibleProgressTracker`` wraps hivemind's private ``ProgressTracker._parse_swarm_progress_data``, leaving out
+  the progress records that claim an implausible swarm step before hivemind counts them; it reads the tracker's
+  ``_local_public_key`` to tell this peer's own record.
 - ``sign_with_identity`` makes the RSA key of the peer's libp2p identity file hivemind's process-wide signing key,
   the private class attribute ``RSAPrivateKey._process_wide_key``, holding the loaded key in the private
   ``_private_key`` (hivemind's constructor only generates new keys).
@@ -55,13 +58,14 @@ from hivemind.averaging import allreduce, partition
 from hivemind.averaging.matchmaking import Matchmaking
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.optim import grad_averager, state_averager
+from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.p2p import P2P
 from hivemind.proto import crypto_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from vitpeer.peer.core.averaging.aggregation import Aggregation, mean
-from vitpeer.peer.core.averaging.remote_state import StateCheck, StateRefused
+from vitpeer.peer.core.averaging.remote_state import StateCheck, StateRefused, plausible_limit
 from vitpeer.peer.core.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -260,6 +264,41 @@ class TrainingStateAverager(_Aggregating, _GroupSized, _CheckedDownload, state_a
 
 class GroupSizedAverager(_Aggregating, _GroupSized, _CheckedDownload, hivemind.DecentralizedAverager):
     """hivemind's plain averager, with ``_Aggregating``, ``_GroupSized`` and ``_CheckedDownload``."""
+
+
+class PlausibleProgressTracker(ProgressTracker):
+    """hivemind's progress tracker, counting only the records that claim a plausible swarm step
+    (``remote_state.plausible_limit``: at most one past the step most records agree on, never past ``max_steps``).
+
+    hivemind's ``_parse_swarm_progress_data`` counts every signed record as a peer and takes the swarm's step as the
+    maximum of their steps; a record claiming more is left out before hivemind reads them (as a peer, its samples and
+    its step), and a log line says how many."""
+
+    def __init__(self, *args, max_steps: int | None = None, **kwargs):
+        self.max_steps = max_steps  # before super(): it starts the thread that reads the records
+        self.implausible = 0  # records left out at the last read
+        super().__init__(*args, **kwargs)
+
+    def _parse_swarm_progress_data(self, metadata):
+        if isinstance(metadata, dict) and metadata:
+            epochs = {}
+            for key, entry in metadata.items():
+                if entry.value is not None and key != self._local_public_key:  # this peer's own: its local epoch
+                    epochs[key] = LocalTrainingProgress.parse_obj(entry.value).epoch
+            limit = plausible_limit([self.local_progress.epoch, *epochs.values()], self.max_steps)
+            implausible = {key for key, epoch in epochs.items() if epoch > limit}
+            if len(implausible) != self.implausible:
+                claims = sorted(epochs[key] for key in implausible)
+                log.warning(
+                    "%d progress record(s) claim swarm steps %s, past %d (one past the step most peers agree on, "
+                    "or the run's last): not counted",
+                    len(implausible),
+                    claims[:3],
+                    limit,
+                )
+                self.implausible = len(implausible)
+            metadata = {key: entry for key, entry in metadata.items() if key not in implausible}
+        return super()._parse_swarm_progress_data(metadata)
 
 
 def use_our_8bit_codec() -> None:

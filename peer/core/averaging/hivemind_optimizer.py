@@ -7,6 +7,8 @@ see ``hivemind_averagers``), and the private names of hivemind's Optimizer it to
   with its estimated bytes sent and, when the training thread waited for it, its time as time blocked.
 - group sizes: ``_maybe_schedule_gradient_averaging`` and ``_maybe_schedule_state_averaging`` tell the averagers
   how many peers a full group has before hivemind schedules a round (see ``_GroupSized``).
+- our progress tracker: ``_make_progress_tracker`` builds a ``PlausibleProgressTracker`` (records claiming an
+  implausible swarm step are not counted) with hivemind's own arguments.
 - our state averager: ``_make_state_averager`` lends hivemind's module global
   ``hivemind.optim.optimizer.TrainingStateAverager`` our subclass while hivemind builds it.
 - ``parameters_version``: the state averager's ``_apply_optimizer_parameters_`` and ``_apply_averaging_results_``
@@ -42,6 +44,7 @@ from vitpeer.peer.core.averaging.aggregation import Aggregation, mean
 from vitpeer.peer.core.averaging.events import SwarmEvents, allreduce_bytes_sent
 from vitpeer.peer.core.averaging.hivemind_averagers import (
     GradientAverager,
+    PlausibleProgressTracker,
     TrainingStateAverager,
     _GroupSized,
     _LoadDeadline,
@@ -137,6 +140,19 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self.parameters_version += 1
 
         return wrapped
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> PlausibleProgressTracker:
+        """hivemind's own tracker, counting only the records that claim a plausible swarm step."""
+        return PlausibleProgressTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            max_steps=self.max_steps,
+            **kwargs,
+        )
 
     def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
         # Changes which class hivemind builds its state averager from: ours (``_Aggregating``, ``_GroupSized``).

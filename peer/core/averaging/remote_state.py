@@ -2,10 +2,10 @@
 the coordinator (before it writes a checkpoint).
 
 A state must have this run's layout (the shapes and dtypes of the tensors this peer itself would serve), hold only
-finite values, carry a swarm step no further than ``EPOCH_AHEAD`` past the newest step this peer sees (never past the
-run's ``max_steps``), and, for ``gradient`` states, the optimizer settings of this run (the learning rate anywhere
-between 0 and its initial value). ``core.averaging.hivemind_averagers`` runs the check inside hivemind's download loop,
-so a refused peer is skipped for the next one.
+finite values, carry a swarm step no further than ``EPOCH_AHEAD`` past the newest step this peer sees in a record that
+counts (``plausible_limit``; never past the run's ``max_steps``), and, for ``gradient`` states, the optimizer settings
+of this run (the learning rate anywhere between 0 and its initial value). ``core.averaging.hivemind_averagers`` runs
+the check inside hivemind's download loop, so a refused peer is skipped for the next one.
 """
 
 from __future__ import annotations
@@ -50,10 +50,25 @@ def can_read_progress(dht: hivemind.DHT, run_id: str) -> None:
     dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=run_id), RSASignatureValidator()])
 
 
-def others_newest_epoch(dht: hivemind.DHT, run_id: str, timeout: float = 10.0) -> int | None:
-    """The newest swarm step in the live progress records of ``run_id``'s peers other than ``dht``'s own (the key
-    hivemind's ``ProgressTracker`` publishes, ``<run_id>_progress``; both algorithms use it); None without any, or
-    when the DHT does not answer within ``timeout`` s."""
+def agreed_epoch(epochs: Sequence[int]) -> int:
+    """The swarm step most live progress records agree on: the median of their steps, the upper of two middle ones
+    (so with two records, a peer behind follows the one ahead). One record cannot move it: hivemind takes the swarm's
+    step as the maximum of the records, so one signed record claiming step 10**6 stalled every honest peer."""
+    ordered = sorted(epochs)
+    return ordered[len(ordered) // 2]
+
+
+def plausible_limit(epochs: Sequence[int], max_steps: int | None = None) -> int:
+    """The furthest step a progress record may claim and still count (as a peer, its samples, its step): one past
+    ``agreed_epoch`` (a peer that has just moved on is one ahead), never past ``max_steps``."""
+    limit = agreed_epoch(epochs) + 1
+    return limit if max_steps is None else min(limit, max_steps)
+
+
+def others_epochs(dht: hivemind.DHT, run_id: str, timeout: float = 10.0) -> list[int] | None:
+    """The swarm steps in the live progress records of ``run_id``'s peers other than ``dht``'s own (the key
+    hivemind's ``ProgressTracker`` publishes, ``<run_id>_progress``; both algorithms use it); None when the DHT does
+    not answer within ``timeout`` s."""
     try:
         # hivemind types get() as "a value or a future" whichever return_future is; with it, the future
         future: MPFuture = dht.get(f"{run_id}_progress", latest=True, return_future=True)  # pyright: ignore[reportAssignmentType]
@@ -62,7 +77,7 @@ def others_newest_epoch(dht: hivemind.DHT, run_id: str, timeout: float = 10.0) -
         log.warning("could not read the swarm's progress (%r): downloads are bounded by max_steps alone", err)
         return None
     if found is None or not isinstance(found.value, dict):
-        return None
+        return []
     own = dht.peer_id.to_bytes()
     records = [getattr(entry, "value", None) for entry in found.value.values()]
     epochs = [
@@ -70,17 +85,20 @@ def others_newest_epoch(dht: hivemind.DHT, run_id: str, timeout: float = 10.0) -
         for record in records
         if isinstance(record, dict) and record.get("peer_id") != own  # a goodbye is None
     ]
-    return max((epoch for epoch in epochs if isinstance(epoch, int) and not isinstance(epoch, bool)), default=None)
+    return [epoch for epoch in epochs if isinstance(epoch, int) and not isinstance(epoch, bool)]
 
 
 def download_bound(dht: hivemind.DHT, run_id: str, own_epoch: int, max_steps: int | None = None) -> int | None:
     """The newest swarm step a state downloaded now may have (``StateCheck.max_epoch``): ``furthest_epoch`` of the
-    newest step seen, while other peers report progress. With none (everyone left; only servers such as the
-    coordinator remain, which report none) there is nothing to measure against: ``max_steps`` alone bounds it."""
-    newest = others_newest_epoch(dht, run_id)
-    if newest is None:
+    newest step seen in a record that counts (``plausible_limit``: a record of its own cannot raise the bound). With
+    no other record (everyone left; only servers such as the coordinator remain, which report none) there is nothing
+    to measure against: ``max_steps`` alone bounds it."""
+    others = others_epochs(dht, run_id)
+    if not others:
         return max_steps
-    return furthest_epoch(max(own_epoch, newest), max_steps)
+    epochs = [own_epoch, *others]
+    limit = plausible_limit(epochs, max_steps)
+    return furthest_epoch(max(epoch for epoch in epochs if epoch <= limit), max_steps)
 
 
 class StateRefused(ValueError):
