@@ -26,6 +26,7 @@ COORDINATOR_FLAGS = (
     Flag("host_maddrs", "host-maddr", metavar="MADDR"),
     Flag("announce_ip"),
     Flag("http_host"),
+    Flag("http_names", "http-name", metavar="NAME"),
     Flag("http_port"),
     Flag("checkpoint_every_steps"),
     Flag("checkpoint_every_minutes"),

@@ -25,6 +25,10 @@ class CoordinatorConfig(Section):
     0.0.0.0 when volunteers, a Prometheus elsewhere or a container's published port must reach it."""
     http_port: int = Field(default=DEFAULT_HTTP_PORT, ge=0, le=65535)
     """Port of the HTTP API; 0 picks a free one (printed at start)."""
+    http_names: list[str] = []
+    """DNS names volunteers reach the HTTP API by (``--coordinator http://NAME:PORT``). It answers requests for IP
+    addresses, localhost and this machine's own name, and for these; any other Host is refused (421), so a web page
+    cannot rebind its own name to this address and read the API from a volunteer's browser."""
     checkpoint_every_steps: int = Field(default=50, ge=0)
     """Download, save and evaluate the swarm's state every this many swarm steps; 0: only by time."""
     checkpoint_every_minutes: float = Field(default=30.0, ge=0)

@@ -242,7 +242,7 @@ def run_coordinator(config: RunConfig, coord: CoordinatorConfig) -> None:
     api = None
     try:
         coordinator.start()
-        api = ApiServer(coord.http_host, coord.http_port, coordinator.routes())
+        api = ApiServer(coord.http_host, coord.http_port, coordinator.routes(), names=tuple(coord.http_names))
         url = coordinator.url = http_url(coord, api.port)
         log.info("coordinator of run %r; initial peers: %s", config.swarm.run_id, " ".join(coordinator.maddrs))
         log.info("HTTP API at %s (/status, /initial-peers, /config, /metrics)", url)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -121,6 +124,51 @@ def test_best_model_is_404_until_a_checkpoint_is_evaluated_then_served(tmp_path:
 
 def test_coordinator_get_returns_the_body(api: str):
     assert coordinator_get(api + "/", "initial-peers", wait=5) == f"{PEER_A}\n"
+
+
+HANGING = """
+import socket, sys, time
+port, count = int(sys.argv[1]), int(sys.argv[2])
+def hang():
+    sock = socket.socket()
+    sock.bind(("127.0.0.2", 0))  # another host, as far as the server can tell
+    sock.connect(("127.0.0.1", port))
+    return sock
+held = [hang() for _ in range(count)]
+print("holding", flush=True)
+while True:  # half of them send a byte a second and never finish the request; a closed one is opened again
+    for index, sock in enumerate(held):
+        try:
+            if index % 2:
+                sock.send(b"G")
+        except OSError:
+            sock.close()
+            held[index] = hang()
+    time.sleep(1)
+"""
+
+
+def test_64_hanging_connections_do_not_stop_initial_peers_answering(coordinator: str):
+    """A real attacker process holds 64 connections (idle and trickling, reopened when cut) from another address;
+    ``join --coordinator`` reads ``/initial-peers`` within 5 s all along, for longer than the server's timeout."""
+    port = int(coordinator.rsplit(":", 1)[1])
+    attacker = subprocess.Popen(
+        [sys.executable, "-c", HANGING, str(port), "64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert attacker.stdout is not None and attacker.stdout.readline() == "holding\n", attacker.stderr
+        waits = []
+        deadline = time.monotonic() + 12  # past the server's 10 s timeout: the cut connections are reopened
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            assert coordinator_get(coordinator, "/initial-peers", wait=5) == f"{PEER_A}\n{PEER_B}\n"
+            waits.append(time.monotonic() - started)
+            time.sleep(0.5)
+        assert attacker.poll() is None, attacker.stderr  # it held on the whole time
+        assert max(waits) < 5, waits
+    finally:
+        attacker.kill()
+        attacker.wait()
 
 
 def test_coordinator_get_gives_up_on_a_closed_port_naming_the_url():

@@ -36,7 +36,7 @@ ROUTES: dict[str, Route] = {"/hello": hello, "/broken": failing}
 
 @pytest.fixture
 def server() -> Iterator[HttpServer]:
-    server = HttpServer("127.0.0.1", 0, ROUTES, timeout=TIMEOUT, max_connections=4)
+    server = HttpServer("127.0.0.1", 0, ROUTES, timeout=TIMEOUT, max_connections=4, names=())
     try:
         yield server
     finally:
@@ -97,12 +97,24 @@ def assert_still_serving(server: HttpServer) -> None:
 
 
 def test_get_and_head_of_a_route(server: HttpServer, connect):
-    code, headers, body, _ = exchange(connect, server.port, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    code, headers, body, _ = exchange(connect, server.port, b"GET /hello HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert (code, body) == (200, b"hello\n")
     assert headers["content-type"] == "text/plain; charset=utf-8" and headers["connection"] == "close"
     assert "python" not in headers["server"].lower()
-    code, headers, body, _ = exchange(connect, server.port, b"HEAD /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert headers["x-content-type-options"] == "nosniff" and "default-src 'self'" in headers["content-security-policy"]
+    code, headers, body, _ = exchange(connect, server.port, b"HEAD /hello HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert (code, headers["content-length"], body) == (200, "6", b"")
+
+
+@pytest.mark.parametrize("host", ["rebound.example", "rebound.example:8080", "evil.localhost"])
+def test_a_host_name_it_does_not_serve_is_421(server: HttpServer, connect, host: str):
+    """DNS rebinding: a page of rebound.example whose name now points here reads nothing through the browser."""
+    request = f"GET /hello HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    code, _, body, _ = exchange(connect, server.port, request)
+    assert (code, body) == (421, b"421 this server does not answer for that Host name\n")
+    for known in ("localhost:80", "[::1]:8080", "127.0.0.1", "LOCALHOST."):
+        code, _, body, _ = exchange(connect, server.port, f"GET /hello HTTP/1.1\r\nHost: {known}\r\n\r\n".encode())
+        assert (code, body) == (200, b"hello\n"), known
 
 
 def test_unknown_path_is_404_and_failing_route_is_a_one_line_500(server: HttpServer):
@@ -115,7 +127,7 @@ def test_unknown_path_is_404_and_failing_route_is_a_one_line_500(server: HttpSer
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "BREW"])
 def test_other_methods_are_405_with_allow(server: HttpServer, connect, method: str):
-    request = f"{method} /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode()
+    request = f"{method} /hello HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n".encode()
     code, headers, _, elapsed = exchange(connect, server.port, request)
     assert code == 405 and headers["allow"] == "GET, HEAD"
     assert elapsed < PROMPT
@@ -255,3 +267,37 @@ def test_metrics_server_has_the_same_limits(metrics: MetricsServer, connect):
 def test_metrics_server_on_a_taken_port_names_it(metrics: MetricsServer):
     with pytest.raises(RuntimeError, match=f"cannot serve metrics on 127.0.0.1:{metrics.port} .*--metrics-port"):
         MetricsServer(CollectorRegistry(), "127.0.0.1", metrics.port)
+
+
+def test_a_large_response_reaches_a_slow_client_however_long_it_takes():
+    """16 MB (more than the kernel's socket buffers hold) read at a few MB/s: seconds in all, several times the
+    server's timeout; each chunk leaves within it, so nothing is cut (one ``sendall`` of the whole body was: its
+    timeout covers the whole call)."""
+    body = bytes(range(256)) * (16 * 4096)
+    server = HttpServer("127.0.0.1", 0, {"/big": lambda: ("application/octet-stream", body)}, timeout=TIMEOUT)
+    try:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            sock.settimeout(TIMEOUT + MARGIN + 5)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            started, received = time.monotonic(), b""
+            while chunk := sock.recv(1 << 16):
+                received += chunk
+                time.sleep(0.012)
+        head, _, data = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200 ") and data == body, (head, len(data))
+        assert time.monotonic() - started > TIMEOUT + MARGIN  # it really took longer than the timeout
+    finally:
+        server.shutdown()
+
+
+def test_metrics_answer_whatever_host_name_prometheus_scrapes_them_by():
+    registry = CollectorRegistry()
+    server = MetricsServer(registry, "127.0.0.1", 0, timeout=TIMEOUT)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: peer-1:9470\r\n\r\n")
+            assert read_all(sock).startswith(b"HTTP/1.0 200 ")
+    finally:
+        server.shutdown()

@@ -9,7 +9,17 @@ limit, so anyone who reaches the port can tie up a training peer or the coordina
   http.server's 431;
 - gives a connection ``timeout`` seconds to send its whole request (a client trickling one byte at a time is cut
   off too), and as long again to take the response;
-- serves at most ``max_connections`` at once and answers 503 at once beyond that, without starting a thread;
+- serves at most ``max_connections`` at once, and at most ``max_per_client`` from one client address, and answers
+  503 at once beyond either, without starting a thread: a stranger holding idle or trickling connections fills only
+  their own share, and everyone else is still served;
+- writes a response in chunks, each with ``timeout`` to leave, so a large file reaches a slow client however long it
+  takes in all (one ``sendall`` with a timeout is cut off when the timeout ends, mid-file);
+- given ``names`` (the coordinator's API, which serves a page), answers only requests whose ``Host`` is an IP
+  address, ``localhost``, this machine's name, or one of ``names`` (421 otherwise): a web page cannot rebind a name
+  of its own to this server's address and read it from a volunteer's browser. ``/metrics`` alone takes any Host:
+  Prometheus scrapes by whatever name its service discovery gives;
+- sends ``X-Content-Type-Options: nosniff``, a ``Content-Security-Policy`` that allows this origin's own files only,
+  and ``Referrer-Policy: no-referrer`` with every response;
 - answers 404 with one line when a route's file does not exist yet (FileNotFoundError), 500 with one line when a
   route raises anything else, and keeps serving; it logs at debug level only.
 
@@ -20,6 +30,7 @@ where it is told; its callers bind 127.0.0.1 unless asked (``--metrics-addr``, `
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import socket
 import socketserver
@@ -46,8 +57,17 @@ MAX_TARGET_BYTES = 2048
 DEFAULT_TIMEOUT = 10.0
 """Seconds a client has to send its request (and again to take the response): scrapers and ``vitpeer join`` need
 milliseconds on a LAN, a second or two across the internet."""
-DEFAULT_MAX_CONNECTIONS = 32
+DEFAULT_MAX_CONNECTIONS = 128
 """Connections served at once, one thread each: Prometheus scrapes with one, a joining peer asks two routes."""
+DEFAULT_MAX_PER_CLIENT = 8
+"""Connections served at once from one client address (a browser opens up to 6 to a host)."""
+CHUNK_BYTES = 1 << 16
+"""Bytes written per send: each send has ``timeout`` seconds, so a response as a whole has no time limit."""
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "Referrer-Policy": "no-referrer",
+}
 SHUTDOWN_POLL = 0.1
 """Seconds ``shutdown`` may wait for the accepting loop to notice (the standard library's 0.5 slows down tests)."""
 
@@ -69,9 +89,14 @@ class HttpServer:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_per_client: int = DEFAULT_MAX_PER_CLIENT,
+        names: tuple[str, ...] | None = None,
     ):
         self.routes = routes
-        self.server = _Server((host, port), routes, timeout, max_connections)
+        self.server = _Server((host, port), routes, timeout, max_connections, max_per_client)
+        if names is not None:  # the Host check: a server a browser may be pointed at
+            known = {"localhost", socket.gethostname(), socket.getfqdn(), *names}
+            self.server.names = {name.lower().rstrip(".") for name in known}
         self.thread = threading.Thread(
             target=self.server.serve_forever, args=(SHUTDOWN_POLL,), name=self.thread_name, daemon=True
         )
@@ -120,8 +145,8 @@ def _address_family(host: str) -> socket.AddressFamily:
     return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
 
 
-def _busy_response(max_connections: int) -> bytes:
-    body = f"503 busy: {max_connections} connections open; try again\n".encode()
+def _busy_response(why: str) -> bytes:
+    body = f"503 busy: {why}; try again\n".encode()
     head = (
         "HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
@@ -135,10 +160,14 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False  # shutdown must not wait for slow clients: drop_connections ends them instead
     request_queue_size = 64  # a burst waits in the kernel's queue and gets its 503, rather than a dropped SYN
 
-    def __init__(self, address: tuple[str, int], routes: dict[str, Route], timeout: float, max_connections: int):
+    def __init__(
+        self, address: tuple[str, int], routes: dict[str, Route], timeout: float, max_connections: int, per_client: int
+    ):
         self.address_family = _address_family(address[0])
         self.routes, self.request_timeout, self.max_connections = routes, timeout, max_connections
-        self.open: set[socket.socket] = set()
+        self.max_per_client = per_client
+        self.names: set[str] | None = None  # the Host names it answers besides IP addresses; None: any
+        self.open: dict[socket.socket, str] = {}  # open connection -> its client's address
         self.lock = threading.Lock()
         super().__init__(address, _Handler)
 
@@ -149,21 +178,26 @@ class _Server(ThreadingHTTPServer):
 
     # a TCP server's request is a socket; typeshed's BaseServer also allows a UDP server's (bytes, socket) pair
     def process_request(self, request: socket.socket, client_address: tuple) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
+        client = client_address[0]
         with self.lock:
-            admitted = len(self.open) < self.max_connections
-            if admitted:
-                self.open.add(request)
-        if admitted:
+            if len(self.open) >= self.max_connections:
+                why = f"{self.max_connections} connections open"
+            elif sum(other == client for other in self.open.values()) >= self.max_per_client:
+                why = f"{self.max_per_client} connections open from {client}"
+            else:
+                why = ""
+                self.open[request] = client
+        if not why:
             super().process_request(request, client_address)  # one daemon thread
         else:
-            self.refuse_busy(request, client_address)
+            self.refuse_busy(request, client_address, why)
 
-    def refuse_busy(self, request: socket.socket, client_address: tuple) -> None:
+    def refuse_busy(self, request: socket.socket, client_address: tuple, why: str) -> None:
         """503 from the accepting thread without reading the request: it costs no thread and cannot block."""
-        log.debug("http %s refused: %d connections open", client_address[0], self.max_connections)
+        log.debug("http %s refused: %s", client_address[0], why)
         try:
             request.settimeout(1.0)
-            request.sendall(_busy_response(self.max_connections))
+            request.sendall(_busy_response(why))
         except OSError:
             pass
         self.shutdown_request(request)
@@ -171,7 +205,7 @@ class _Server(ThreadingHTTPServer):
     def shutdown_request(self, request: socket.socket) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]  # a socket, as above
         """Free the connection's slot before closing it, so a client that saw the close finds the slot free."""
         with self.lock:
-            self.open.discard(request)
+            self.open.pop(request, None)
         super().shutdown_request(request)
 
     def drop_connections(self) -> None:
@@ -239,9 +273,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(414, f"request target over {MAX_TARGET_BYTES} bytes")
         elif self._has_body():
             self.send_error(413, "no request body accepted")
+        elif not self._known_host():
+            self._send(421, "text/plain", "421 this server does not answer for that Host name\n")
         else:
             return True
         return False
+
+    def _known_host(self) -> bool:
+        """``Host`` (its name without the port) is an IP address, or a name this server answers for; no Host is
+        fine too (HTTP/1.0 clients, which no browser is)."""
+        host = self.headers.get("Host")
+        if host is None or self.server.names is None:
+            return True
+        name = host.strip().lower()
+        name = name[1 : name.find("]")] if name.startswith("[") else name.rsplit(":", 1)[0]
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return name.rstrip(".") in self.server.names
+        return True
 
     def _has_body(self) -> bool:
         """Any Transfer-Encoding, or a Content-Length other than 0 (an unreadable one included)."""
@@ -274,12 +324,14 @@ class _Handler(BaseHTTPRequestHandler):
             content_type += "; charset=utf-8"
         self.send_response(code)
         fields = {"Content-Type": content_type, "Content-Length": str(len(data)), "Connection": "close"}
-        for name, value in {**fields, **(headers or {})}.items():
+        for name, value in {**fields, **SECURITY_HEADERS, **(headers or {})}.items():
             self.send_header(name, value)
         self.end_headers()
         self.close_connection = True
         if self.command != "HEAD":
-            self.wfile.write(data)
+            view = memoryview(data)
+            for start in range(0, len(view), CHUNK_BYTES):  # a timeout per chunk: progress, not the whole file
+                self.wfile.write(view[start : start + CHUNK_BYTES])
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (signature fixed by the standard library)
         log.debug("http %s " + format, self.client_address[0], *args)
@@ -289,21 +341,26 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def coordinator_get(url: str, path: str, wait: float = 60.0) -> str:
-    """GET ``<url>/<path>`` from a coordinator's HTTP API as text, retrying while it starts (up to ``wait`` s)."""
+    """GET ``<url>/<path>`` from a coordinator's HTTP API as text, retrying while it starts or is busy (503), with
+    backoff, up to ``wait`` s."""
     address = f"{url.rstrip('/')}/{path.lstrip('/')}"
     if not address.startswith(("http://", "https://")):
         raise ValueError(f"--coordinator {url!r} is not an HTTP address; expected http://HOST:PORT")
-    deadline = time.monotonic() + wait
+    deadline, pause = time.monotonic() + wait, 0.5
     while True:
         try:
             with urllib.request.urlopen(address, timeout=10) as response:
                 return response.read().decode()
         except urllib.error.HTTPError as err:
-            raise RuntimeError(f"coordinator {url} answered {address} with HTTP {err.code} {err.reason}") from err
+            if err.code != 503:
+                raise RuntimeError(f"coordinator {url} answered {address} with HTTP {err.code} {err.reason}") from err
+            problem: object = f"HTTP 503, {err.read().decode(errors='replace').strip()}"
         except (urllib.error.URLError, OSError) as err:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"coordinator {url} did not answer for {wait:.0f} s ({getattr(err, 'reason', err)}); "
-                    "check the address and that its HTTP port is open to you"
-                ) from err
-            time.sleep(1.0)
+            problem = getattr(err, "reason", err)
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"coordinator {url} did not answer for {wait:.0f} s ({problem}); "
+                "check the address and that its HTTP port is open to you"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, 5.0)
