@@ -101,7 +101,7 @@ class Coordinator:
     # --- every poll -----------------------------------------------------------------------------------------------
 
     def poll(self) -> None:
-        swarm = aggregate(read_reports(self.dht, self.config.swarm.run_id))
+        swarm = aggregate(read_reports(self.dht, self.config.swarm.run_id), self.config.trainer.max_steps)
         rejected = rejected_records(self.dht)
         if sum(rejected.values()) > sum(self.rejected.values()):
             log.warning("refused forged, malformed or implausible DHT records so far: %s", rejected)

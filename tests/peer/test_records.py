@@ -79,6 +79,17 @@ def test_two_signers_claiming_one_peer_id_are_two_rows_in_the_swarm_figures():
     assert (swarm["alive_peers"], swarm["loss"], swarm["samples_per_second"]) == (2, 1.0, 20.0)
 
 
+def test_one_record_claiming_a_huge_step_does_not_move_the_swarm_step():
+    """The coordinator checkpoints when the swarm step moves: a record at step 2**53 once made it download and evaluate
+    at every poll. The swarm step is the newest within one of the step most records agree on, never past max_steps."""
+    honest = [SignedReport(**{**HONEST, "step": step}, signer=f"peer-{step}") for step in (40, 41)]
+    forged = SignedReport(**{**HONEST, "step": 2**53}, signer="forger")
+    assert aggregate([*honest, forged], max_steps=1000)["swarm_epoch"] == 41
+    assert aggregate([honest[0], forged], max_steps=1000)["swarm_epoch"] == 40  # with two, max_steps bounds it
+    assert aggregate([*honest, forged])["swarm_epoch"] == 41
+    assert aggregate([forged], max_steps=1000)["swarm_epoch"] is None
+
+
 @pytest.mark.timeout(60)
 def test_signer_id_is_the_libp2p_peer_id_its_key_would_have_as_an_identity(tmp_path: Path):
     """The derivation is libp2p's: a DHT started with an RSA identity has the peer id ``signer_id`` gives for that

@@ -47,6 +47,7 @@ from hivemind.utils import MSGPackSerializer, ValueWithExpiration, get_dht_time
 from pydantic.v1 import BaseModel, Field, StrictStr, ValidationError, confloat, conint, root_validator
 
 from vitpeer.peer.core.averaging.hivemind_averagers import dht_node_validators
+from vitpeer.peer.core.averaging.remote_state import plausible_limit
 
 log = logging.getLogger(__name__)
 
@@ -346,16 +347,22 @@ def read_reports(dht: hivemind.DHT, run_id: str) -> list[SignedReport]:
     return sorted(newest.values(), key=lambda report: (report.peer_id, report.time))
 
 
-def aggregate(reports: Sequence[PeerReport]) -> dict[str, Any]:
+def aggregate(reports: Sequence[PeerReport], max_steps: int | None = None) -> dict[str, Any]:
     """Swarm step, sample-weighted loss, total samples/s, the algorithm, what the swarm cost the peers
     (``communication``) and each alive peer's last report with its own costs per round. ``reports`` are one per
-    signer (``read_reports``): rows carry ``signer``, None for a report that was never signed (tests)."""
+    signer (``read_reports``): rows carry ``signer``, None for a report that was never signed (tests).
+
+    The swarm step is the newest step a report claims within ``plausible_limit`` of all of them (one past the step
+    most agree on, never past ``max_steps``): one record claiming step 2**53 had the coordinator checkpoint and
+    evaluate at every poll."""
     now = get_dht_time()
+    steps = [r.step for r in reports]
+    limit = plausible_limit(steps, max_steps) if steps else 0
     weighted = [(r.loss, r.window_samples) for r in reports if r.loss is not None and r.window_samples > 0]
     samples = sum(n for _, n in weighted)
     algorithms = sorted({r.algorithm for r in reports if r.algorithm is not None})
     return {
-        "swarm_epoch": max((r.step for r in reports), default=None),
+        "swarm_epoch": max((step for step in steps if step <= limit), default=None),
         "loss": sum(loss * n for loss, n in weighted) / samples if samples else None,
         "samples_per_second": sum(r.samples_per_second for r in reports),
         "alive_peers": len(reports),
