@@ -107,7 +107,7 @@ def test_a_swarm_of_containers_trains_passes_health_checks_stops_and_restarts(im
         "coordinator",
         image.tag,
         *("coordinator", "--config", "digits_tiny", "--state-dir", "/data/coordinator", "--host-port", "31337"),
-        *("--http-host", "0.0.0.0", "--http-port", "8470"),
+        *("--http-host", "0.0.0.0", "--http-port", "8470", "--http-name", session.name("coordinator")),
         options=("--network", network, "--volume", f"{session.volume('coordinator')}:/data")
         + ("--env", "VITPEER_METRICS_PORT=8470", "--publish", "127.0.0.1::8470"),  # as in monitor/compose.yaml
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hivemind
@@ -12,7 +13,11 @@ from cryptography.hazmat.primitives import serialization
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import crypto_pb2
+from hivemind.utils import get_dht_time
+from keys import Keyring, guarded_and_attacker
 
+from vitpeer.peer.core.config import ConfigError
+from vitpeer.peer.core.swarm.fingerprint import fingerprint_key, refuse_mismatch
 from vitpeer.peer.core.swarm.records import (
     MAX_CLOCK_AHEAD,
     MAX_LOSS,
@@ -20,9 +25,11 @@ from vitpeer.peer.core.swarm.records import (
     MAX_WINDOW_SAMPLES,
     REPORT_TTL,
     PeerReport,
+    RunFingerprint,
     SignedReport,
     aggregate,
     out_of_bounds,
+    record_validators,
     signer_id,
 )
 
@@ -111,3 +118,36 @@ def test_signer_id_is_the_libp2p_peer_id_its_key_would_have_as_an_identity(tmp_p
     assert signer_id(RSASignatureValidator().local_public_key) != signer_id(subkey)
     with pytest.raises(ValueError, match="one public key"):
         signer_id(b"no key here")
+
+
+def test_one_forged_fingerprint_locks_no_newcomer_out_and_a_misconfigured_one_is_still_refused():
+    """A node of the attacker's (its own keys) publishes a fingerprint of another model and one of the same model with
+    another learning rate, beside one honest peer's. A newcomer training the run's model with the run's settings
+    joins; one with another learning rate, or another model, is refused: the swarm disagrees with it as a whole."""
+    run_id = "forged-fingerprint"
+    keyring = Keyring(3)
+    honest = RunFingerprint(
+        digest="a" * 16,
+        model="vit_tiny_patch16_224",
+        parameters=5_000_000,
+        img_size=32,
+        classes=10,
+        wire_format=2,
+        hyperparameters=json.dumps({"optim.lr": 0.003, "trainer.max_steps": 30}),
+    )
+    lr_half = json.dumps({"optim.lr": 0.5, "trainer.max_steps": 30})
+    forged = [
+        honest.dict(),
+        {**honest.dict(), "digest": "b" * 16},
+        {**honest.dict(), "hyperparameters": lr_half},
+    ]
+    with guarded_and_attacker(record_validators(run_id), [keyring]) as (newcomer, attacker):
+        expiration = get_dht_time() + 60
+        for subkey, value in zip(keyring.keys, forged, strict=True):  # the first one stands for the honest peer
+            assert attacker.store(fingerprint_key(run_id), value, expiration, subkey=subkey)
+        assert refuse_mismatch(newcomer, run_id, honest) == 2  # two records agree on the model: it joins
+        other_lr = honest.copy(update={"hyperparameters": json.dumps({"optim.lr": 0.1, "trainer.max_steps": 30})})
+        with pytest.raises(ConfigError, match=r"optim.lr = 0.1 \(the run: (0.003|0.5)\)"):
+            refuse_mismatch(newcomer, run_id, other_lr)
+        with pytest.raises(ConfigError, match="does not join"):
+            refuse_mismatch(newcomer, run_id, honest.copy(update={"digest": "c" * 16}))

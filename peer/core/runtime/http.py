@@ -352,6 +352,11 @@ def coordinator_get(url: str, path: str, wait: float = 60.0) -> str:
             with urllib.request.urlopen(address, timeout=10) as response:
                 return response.read().decode()
         except urllib.error.HTTPError as err:
+            if err.code == 421:
+                raise RuntimeError(
+                    f"coordinator {url} does not answer for that name (HTTP 421): use its IP address, or have it "
+                    "started with --http-name NAME (it refuses names it was not told, against DNS rebinding)"
+                ) from err
             if err.code != 503:
                 raise RuntimeError(f"coordinator {url} answered {address} with HTTP {err.code} {err.reason}") from err
             problem: object = f"HTTP 503, {err.read().decode(errors='replace').strip()}"

@@ -107,11 +107,21 @@ def read_fingerprints(dht: hivemind.DHT, run_id: str) -> list[RunFingerprint]:
     return prints
 
 
+def outvoted(disagree: int, agree: int) -> bool:
+    """Whether records that disagree with this peer refuse it: some do, and more than agree, or none agrees."""
+    return disagree > 0 and (disagree > agree or agree == 0)
+
+
 def refuse_mismatch(dht: hivemind.DHT, run_id: str, mine: RunFingerprint) -> int:
-    """Raise ConfigError if a live peer of ``run_id`` trains something else; return how many records agree."""
+    """Raise ConfigError if the live peers of ``run_id`` train something else; return how many records agree.
+
+    A record is a stranger's claim: any node can sign one. So a mismatch refuses this peer only when the records that
+    disagree outnumber those that agree, or none agrees (``outvoted``): one forged record beside one honest peer locks
+    no one out, nor one forged model beside the coordinator (which publishes the model but no settings). A
+    misconfigured peer meets a swarm that disagrees with it as a whole, and is refused."""
     theirs = read_fingerprints(dht, run_id)
     others = [found for found in theirs if found.digest != mine.digest]
-    if others:
+    if outvoted(len(others), len(theirs) - len(others)):
         counts = Counter(found.describe() for found in others)
         described = "; ".join(f"{text} x{count}" for text, count in counts.items())
         raise ConfigError(
@@ -120,16 +130,27 @@ def refuse_mismatch(dht: hivemind.DHT, run_id: str, mine: RunFingerprint) -> int
             "flags), or another --run-id"
         )
     ours = json.loads(mine.hyperparameters)
-    for found in theirs:
-        run = json.loads(found.hyperparameters)
-        differ = [key for key in sorted(ours) if run and key in run and ours[key] != run[key]]
-        if ours and differ:
-            named = "; ".join(f"{key} = {ours[key]!r} (the run: {run[key]!r})" for key in differ)
-            raise ConfigError(
-                f"run {run_id!r} trains with other settings: {named}. Every peer of a run must share them; use the "
-                "run's config (--coordinator URL, or the same --config and flags)"
-            )
-    return len(theirs)
+    with_settings = [json.loads(found.hyperparameters) for found in theirs if found.digest == mine.digest]
+    with_settings = [run for run in with_settings if run]  # the coordinator publishes none
+    differing = [run for run in with_settings if any(key in run and ours[key] != run[key] for key in ours)]
+    if ours and outvoted(len(differing), len(with_settings) - len(differing)):
+        run = Counter(json.dumps(run, sort_keys=True) for run in differing).most_common(1)[0][0]
+        run = json.loads(run)
+        differ = [key for key in sorted(ours) if key in run and ours[key] != run[key]]
+        named = "; ".join(f"{key} = {ours[key]!r} (the run: {run[key]!r})" for key in differ)
+        raise ConfigError(
+            f"run {run_id!r} trains with other settings: {named}. Every peer of a run must share them; use the "
+            "run's config (--coordinator URL, or the same --config and flags)"
+        )
+    if others or differing:
+        log.warning(
+            "%d of %d fingerprint records of run %r disagree with this peer's model or settings; more agree, so it "
+            "joins (a misconfigured or forged record)",
+            len(others) + len(differing),
+            len(theirs),
+            run_id,
+        )
+    return len(theirs) - len(others)
 
 
 class FingerprintKeeper(pl.Callback):
