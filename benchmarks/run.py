@@ -2,7 +2,8 @@
 
 \b
     python -m benchmarks.run                      # everything (about 40 minutes on 2 CPU cores)
-    python -m benchmarks.run --only averaging     # one or more of: overhead, utilisation, averaging, convergence, gpu
+    python -m benchmarks.run --only averaging     # one or more of: overhead, utilisation, averaging, convergence, gpu,
+                                                  # wan, robust
 
 Prints one table (figure, measured, goal, met) of this run and writes its numbers into ``--json`` (default
 ``benchmarks/results.json``), keeping the figures it did not measure, each with the machine it was measured on.
@@ -23,7 +24,7 @@ import torch
 
 from vitpeer.peer.core.config.options import setup_logging
 
-BENCHES = ("overhead", "utilisation", "scaling", "averaging", "convergence", "gpu", "wan")
+BENCHES = ("overhead", "utilisation", "scaling", "averaging", "convergence", "gpu", "wan", "robust")
 
 
 def machine() -> dict[str, Any]:
@@ -123,6 +124,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"test accuracy {diloco['test_accuracy']:.3f} / {gradient['test_accuracy']:.3f}"
         )
         table.append((f"{link}: swarm samples/s", shown, "-", "-"))
+    if "robust" in results:
+        table.extend(robust_rows(results["robust"]))
     if "gpu" in results:
         gpu = results["gpu"]
         for name, case in gpu["variants"].items():
@@ -134,6 +137,33 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 add(figure, case["mfu"], shown, ">= 40 % MFU", lambda v: v >= 0.40)
     elif not torch.cuda.is_available():
         table.append(("GPU: ViT-B/16 bf16 samples/s and MFU", "not measured: no GPU here", ">= 40 % MFU", "-"))
+    return table
+
+
+def robust_rows(robust: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Per rule: the clean run against plain mean's, then the honest peers' accuracy under each attack."""
+    table = []
+    setting = f"{robust['peers']} peers, {robust['swarm_steps']} x {robust['target_batch_size']}"
+    clean_mean = robust["runs"].get("mean", {}).get("clean")
+    for rule, runs in robust["runs"].items():
+        clean = runs["clean"]
+        seconds = clean["round_seconds"]
+        shown = f"{clean['honest_test_accuracy']:.3f}; rounds {seconds:.2f} s" if seconds else "no averaged round"
+        if rule != "mean" and clean_mean is not None and seconds and clean_mean["round_seconds"]:
+            gap = (clean_mean["honest_test_accuracy"] - clean["honest_test_accuracy"]) * 100
+            slower = seconds / clean_mean["round_seconds"] - 1
+            met = "yes" if gap <= 1.0 and slower <= 0.10 else "no"
+            shown += f" ({gap:+.1f} points, rounds {slower:+.0%} against mean)"
+            table.append((f"robust, {setting}: {rule}, nobody lies", shown, "within 1 point, <= 10 % slower", met))
+        else:
+            table.append((f"robust, {setting}: {rule}, nobody lies", shown, "-", "-"))
+        for attack, found in runs.items():
+            if attack == "clean":
+                continue
+            accuracy = found["honest_test_accuracy"]
+            figure = f"robust, {setting}: {rule}, 1 liar ({attack}): honest test accuracy"
+            goal, met = ("-", "-") if rule == "mean" else (">= 0.90", "yes" if accuracy >= 0.90 else "no")
+            table.append((figure, f"{accuracy:.3f}", goal, met))
     return table
 
 
@@ -187,6 +217,10 @@ def main(only: tuple[str, ...], json_path: Path, seeds: int) -> None:
             results["wan"] = wan.run()
         else:
             click.echo(f"wan: not measured, {reason}")
+    if "robust" in chosen:
+        from benchmarks import robust
+
+        results["robust"] = robust.run()
     merged = merge(json_path, results)
     json_path.write_text(json.dumps(merged, indent=2) + "\n")
     click.echo(f"\nmeasured on {results['machine']}; all numbers in {json_path}\n")

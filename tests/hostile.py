@@ -5,11 +5,9 @@
   as a callback through ``run_join``'s public hook (``vitpeer.peer.commands.extend``).
 - ``HOSTILE_SAY_ROUNDS=1``: print ``averaging round begins`` (flushed) when this peer hands its gradients to a
   round, so a test can SIGKILL it in the middle of averaging.
-- ``HOSTILE_FLIP_ROUNDS=S`` (``diloco``): every pseudo-gradient this peer sends to a round is multiplied by ``-S``
-  (a scaled sign flip: it pulls the swarm back the way it came) and declared with a weight of a million samples.
-- ``HOSTILE_NOISE_ROUNDS=S`` (``diloco``): every pseudo-gradient this peer sends gets Gaussian noise ``S`` times its
-  own length added, declared with a weight of a million samples: under plain mean every peer applies it, and it is
-  made to pass the check of what a peer receives (not much longer than an honest step, not pointing backwards).
+- ``HOSTILE_ROUNDS=ATTACK`` (``diloco``): every pseudo-gradient this peer sends to a round is rewritten as
+  ``benchmarks.attacks.ATTACKS[ATTACK]`` says (``scale``, ``flip``, ``noise``, ``alie``), declared with a weight of a
+  million samples.
 
 Everything else is the production code path: ``vitpeer join``'s own parsing and ``run_join``.
 """
@@ -20,10 +18,9 @@ import os
 import sys
 
 import pytorch_lightning as pl
-import torch
 
+from benchmarks import attacks
 from vitpeer.peer.commands.extend import join_with_callbacks
-from vitpeer.peer.core.algorithms import diloco_shared
 from vitpeer.peer.core.averaging import hivemind_optimizer
 from vitpeer.peer.core.config import RunConfig
 
@@ -53,32 +50,6 @@ def say_rounds() -> None:
     hivemind_optimizer.SwarmOptimizer._average_gradients_and_load_into_optimizer = announced
 
 
-def lie_in_rounds(lie) -> None:
-    """Every pseudo-gradient this peer sends to a diloco round becomes ``lie(buffer)`` (in place), declared with a
-    weight of a million samples."""
-    step = diloco_shared.OuterAverager.step
-
-    def lying(self, *args, **kwargs):
-        with self.get_tensors() as buffers:
-            for buffer in buffers:
-                lie(buffer)
-        return step(self, *args, **{**kwargs, "weight": 1e6})
-
-    diloco_shared.OuterAverager.step = lying
-
-
-def flip(scale: float):
-    return lambda buffer: buffer.mul_(-scale)
-
-
-def noise(scale: float):
-    def add(buffer):
-        added = torch.randn_like(buffer)
-        buffer.add_(added * (scale * buffer.norm() / added.norm().clamp_min(1e-12)))
-
-    return add
-
-
 def faults(config: RunConfig) -> list[pl.Callback]:
     """The callbacks the environment asks for."""
     every = os.environ.get("HOSTILE_NAN_EVERY")
@@ -90,8 +61,6 @@ if __name__ == "__main__":
         sys.exit("usage: python -m hostile join [vitpeer join options]")
     if os.environ.get("HOSTILE_SAY_ROUNDS"):
         say_rounds()
-    if os.environ.get("HOSTILE_FLIP_ROUNDS"):
-        lie_in_rounds(flip(float(os.environ["HOSTILE_FLIP_ROUNDS"])))
-    if os.environ.get("HOSTILE_NOISE_ROUNDS"):
-        lie_in_rounds(noise(float(os.environ["HOSTILE_NOISE_ROUNDS"])))
+    if os.environ.get("HOSTILE_ROUNDS"):
+        attacks.lie_in_rounds(attacks.ATTACKS[os.environ["HOSTILE_ROUNDS"]])
     join_with_callbacks(sys.argv[2:], faults)

@@ -193,6 +193,7 @@ class SwarmMembership:
             "local_steps": self.reporter.mini_steps,
             "batches_skipped_nonfinite": strategy.optimizer.skipped_batches,
             "batches_dropped_behind": strategy.optimizer.dropped_behind,
+            "swarm_costs": self.reporter.swarm_costs(),  # rounds by outcome, their seconds, bytes sent, waits
         }
 
     def close(self) -> None:

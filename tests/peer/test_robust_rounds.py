@@ -1,5 +1,5 @@
 """A hostile volunteer in a diloco swarm of three on 127.0.0.1: the same ``vitpeer join`` with one change
-(``hostile``, ``HOSTILE_FLIP_ROUNDS=-7``): every pseudo-gradient it sends to a round is 7 times its own, declared with
+(``hostile``, ``HOSTILE_ROUNDS=scale``): every pseudo-gradient it sends to a round is 7 times its own, declared with
 a weight of a million samples. Under plain mean every peer takes the liar's oversized step each round (it passes the
 check of what a peer receives: 7 times an honest step is within its bound, and it points the right way), and in a run
 here all three ended at 0.100 test accuracy, chance (15 swarm steps of 2048, 2026-12-07). The default rule for
@@ -39,7 +39,7 @@ def test_one_volunteer_sending_oversized_steps_does_not_stop_the_honest_peers_le
         wait_for("peer a's address", lambda: (tmp_path / "a" / "initial_peers.txt").is_file(), 60)
         join = ["--initial-peers", (tmp_path / "a" / "initial_peers.txt").read_text().split()[0]]
         start("b", *join)
-        start("liar", *join, HOSTILE_FLIP_ROUNDS="-7")
+        start("liar", *join, HOSTILE_ROUNDS="scale")
         for name, process in processes.items():
             code = process.wait(timeout=240)
             assert code == 0, f"{name} exited {code}:\n" + (tmp_path / name / "log.txt").read_text()[-3000:]
