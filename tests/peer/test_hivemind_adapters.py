@@ -5,7 +5,10 @@ These tests reach hivemind's private names on purpose: they check the adapters a
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import inspect
+import multiprocessing as mp
 import re
 import time
 from pathlib import Path
@@ -16,6 +19,7 @@ import torch
 from hivemind.optim import grad_averager, state_averager
 from hivemind.proto import crypto_pb2
 
+from vitpeer.peer.core.averaging import hivemind_downloads
 from vitpeer.peer.core.averaging.hivemind_averagers import (
     WRITTEN_FOR,
     GradientAverager,
@@ -23,6 +27,7 @@ from vitpeer.peer.core.averaging.hivemind_averagers import (
     sign_with_identity,
 )
 from vitpeer.peer.core.averaging.hivemind_optimizer import SwarmOptimizer
+from vitpeer.peer.core.averaging.remote_state import StateCheck
 from vitpeer.peer.core.config import ConfigError
 
 
@@ -80,7 +85,7 @@ def test_hivemind_s_private_names_are_used_in_the_adapters_only():
     root = Path(__file__).resolve().parents[2]
     private = re.compile(r"(?<![\w])(" + "|".join(ADAPTED) + r")(?![\w])|optimizer\.TrainingStateAverager\s*=[^=]")
     adapters = set((root / "peer" / "core" / "averaging").glob("hivemind_*.py"))
-    assert len(adapters) == 2, adapters
+    assert len(adapters) == 3, adapters
     found = []
     for folder in ("peer", "coordinator", "monitor", "benchmarks"):
         for path in sorted((root / folder).rglob("*.py")):
@@ -151,3 +156,49 @@ def test_an_identity_hivemind_cannot_sign_with_is_refused_naming_the_file(tmp_pa
     garbage.write_bytes(b"not a key")
     with pytest.raises(ConfigError, match=rf"identity_path = {garbage} is not a libp2p identity.*delete it"):
         sign_with_identity(garbage)
+
+
+class Message:
+    """A streamed message of a state download, as far as the budget reads it."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def ByteSize(self) -> int:  # noqa: N802 (protobuf's name)
+        return self.size
+
+
+async def drain(sizes: list[int], pause: float, max_bytes: int | None) -> tuple[int, int]:
+    """Stream messages of ``sizes`` bytes, ``pause`` s apart, through the download budget; (bytes taken, refusals)."""
+
+    async def stream():
+        for size in sizes:
+            await asyncio.sleep(pause)
+            yield Message(size)
+
+    refused = mp.Value(ctypes.c_int, 0)
+    armed = hivemind_downloads._budget.set((max_bytes, refused))
+    taken = 0
+    try:
+        async for message in hivemind_downloads._budgeted(stream(), timeout=5.0):
+            taken += message.size
+    finally:
+        hivemind_downloads._budget.reset(armed)
+    return taken, refused.value
+
+
+def test_a_state_download_is_cut_past_its_byte_budget_or_under_its_minimum_rate(monkeypatch):
+    """A sender may not stream more than the run's state can take (the state check sees a state only once it is all
+    in memory), nor trickle: hivemind's per-message timeout alone lets a sender hold a joiner for its whole
+    ``load_state_timeout``, one small message at a time."""
+    monkeypatch.setattr(hivemind_downloads, "RATE_GRACE", 0.2)
+    assert asyncio.run(drain([1000] * 10, 0.0, 20_000)) == (10_000, 0)
+    with pytest.raises(hivemind_downloads.DownloadCut, match="sent over 5000 bytes"):
+        asyncio.run(drain([1000] * 10, 0.0, 5000))
+    with pytest.raises(hivemind_downloads.DownloadCut, match=r"under 65536 bytes/s"):
+        asyncio.run(drain([10] * 20, 0.05, None))
+
+
+def test_the_budget_of_a_state_is_its_tensors_and_a_margin():
+    check = StateCheck(layout=((torch.Size([1000, 10]), torch.float32), (torch.Size([10]), torch.float16)))
+    assert check.max_bytes == int((40_000 + 20) * 1.25) + (1 << 20)

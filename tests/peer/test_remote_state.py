@@ -174,13 +174,10 @@ def test_a_gradient_peer_refuses_each_poisoned_state_and_loads_the_honest_one():
         assert events.downloads.count("refused") == poisoned
 
 
-def diloco_peer(dht: hivemind.DHT, run_id: str, max_steps: int = 100) -> DiLoCo:
+def diloco_peer(dht: hivemind.DHT, run_id: str, max_steps: int = 100, **options) -> DiLoCo:
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    return DiLoCo(
-        list(model.parameters()),
-        dht=dht,
-        run_id=run_id,
+    settings: dict[str, Any] = dict(
         target_batch_size=64,
         outer_lr=0.7,
         outer_momentum=0.9,
@@ -190,8 +187,8 @@ def diloco_peer(dht: hivemind.DHT, run_id: str, max_steps: int = 100) -> DiLoCo:
         load_state_timeout=20.0,
         progress_expiration=30.0,
         sync_every=100,
-        max_steps=max_steps,
     )
+    return DiLoCo(list(model.parameters()), dht=dht, run_id=run_id, max_steps=max_steps, **{**settings, **options})
 
 
 @pytest.mark.timeout(90)

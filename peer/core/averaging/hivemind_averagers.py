@@ -1,8 +1,8 @@
-"""The adapter room: every place where vitpeer reaches into hivemind 1.1.12's private names is in this file and in
-``hivemind_optimizer`` (``SwarmOptimizer``).
+"""The adapter room: every place where vitpeer reaches into hivemind 1.1.12's private names is in this file, in
+``hivemind_downloads`` (state downloads) and in ``hivemind_optimizer`` (``SwarmOptimizer``).
 
 hivemind has no public hooks for several things a volunteer swarm needs, so vitpeer overrides or calls some of its
-private methods and attributes. They are all in these two files, so that upgrading hivemind means reading them
+private methods and attributes. They are all in these three files, so that upgrading hivemind means reading them
 against the new hivemind's source. ``tests/peer/test_hivemind_adapters.py`` fails on any hivemind other than
 ``WRITTEN_FOR`` until someone has done that, and fails when a private name listed there (``ADAPTED``) shows up in
 any other file. The rest of vitpeer uses only hivemind's public API.
@@ -15,14 +15,7 @@ What each adapter here changes in hivemind, and the private names it touches:
   ``hivemind.averaging.allreduce.TensorPartReducer`` our ``AggregatingReducer``, whose accumulator (the private
   ``accumulator``, written by ``accumulate_part`` with ``add_`` and read with ``div_``) collects the parts of a round
   and hands them to the run's aggregation rule (``core.averaging.aggregation``).
-- ``_LoadDeadline`` ends hivemind's endless retry loop of state downloads. It replaces the averagers' public
-  ``load_state_from_peers``, but it changes what hivemind's own loop does. Each download is armed with its own
-  deadline before hivemind's loop starts; the loop's retries keep it.
-- ``_CheckedDownload``, mixed into ``TrainingStateAverager`` and ``GroupSizedAverager``: a downloaded state is
-  checked (``StateCheck``) before anyone takes it, inside hivemind's private ``_load_state_from_peers`` (the
-  averager's process), which it wraps; the check for each download travels there through ``_outer_pipe``
-  (``_arm_state_check``). A refused state raises where hivemind catches a failed peer, so hivemind's own loop goes on
-  to the peer with the next priority.
+- ``hivemind_downloads`` holds the adapters of state downloads: ``_LoadDeadline``, ``_CheckedDownload``.
 - ``dht_node_validators`` reads a DHT node's ``record_validator._validators`` to count refused records
   (``core.swarm.records``).
 - ``GroupSizedAverager``: a plain ``DecentralizedAverager`` with ``_GroupSized`` and ``_CheckedDownload`` (the DiLoCo
@@ -39,15 +32,10 @@ What each adapter here changes in hivemind, and the private names it touches:
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
-import multiprocessing as mp
-import time
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import hivemind
 import torch
@@ -65,7 +53,8 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from vitpeer.peer.core.averaging.aggregation import Aggregation, mean
-from vitpeer.peer.core.averaging.remote_state import StateCheck, StateRefused, plausible_limit
+from vitpeer.peer.core.averaging.hivemind_downloads import _CheckedDownload
+from vitpeer.peer.core.averaging.remote_state import plausible_limit
 from vitpeer.peer.core.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -75,102 +64,6 @@ log = logging.getLogger(__name__)
 
 WRITTEN_FOR = "1.1.12"
 """The hivemind version these adapters were written against and read with (a test pins the installed one to it)."""
-
-
-class _LoadDeadline:
-    """Wraps an averager's ``load_state_from_peers`` so hivemind's retry loop ends at a deadline.
-
-    ``hivemind.Optimizer.load_state_from_peers`` retries forever while downloads fail (hivemind#453, #653). Before
-    the deadline a failure propagates (hivemind retries); after it, the failure is logged and swallowed, so hivemind's
-    loop ends and the peer goes on from its local state. Each attempt's own timeout is cut to the time left.
-
-    ``arm`` starts a new download: its deadline is ``timeout`` after its first attempt, and every retry hivemind makes
-    until the next ``arm`` shares it. A call without ``arm`` before it (a download outside ``SwarmOptimizer``) is a
-    new download of its own.
-    """
-
-    def __init__(self, load_state_from_peers: Callable[..., Any], timeout: float):
-        self.load, self.timeout = load_state_from_peers, timeout
-        self.deadline: float | None = None  # None: the next attempt begins a new download
-        self.armed = False
-        self.gave_up = False  # the last download ended at the deadline without a state
-
-    def arm(self) -> None:
-        """The next call begins a new download with the full ``timeout``."""
-        self.deadline, self.armed, self.gave_up = None, True, False
-
-    def __call__(self, wait: bool = True, timeout: float | None = None) -> Any:  # the signature of what it replaces
-        now = time.monotonic()
-        if self.deadline is None or not self.armed:
-            self.deadline, self.gave_up = now + self.timeout, False
-        timeout = max(1.0, min(timeout or self.timeout, self.deadline - now))
-        try:
-            return self.load(wait=wait, timeout=timeout)
-        except Exception as err:
-            if time.monotonic() < self.deadline:
-                raise
-            log.warning("giving up loading state from peers after %.0f s (%r); training on", self.timeout, err)
-            self.gave_up = True
-            return None
-
-
-class _CheckedResult:
-    """Stands for hivemind's future in its download loop: a state that fails ``check`` raises where hivemind catches
-    a failed peer, so hivemind tries the peer with the next priority; one that passes goes to ``future``."""
-
-    def __init__(self, future, check: StateCheck | None, refused):
-        self.future, self.check, self.refused = future, check, refused
-
-    def done(self) -> bool:
-        return self.future.done()
-
-    def set_result(self, result) -> None:
-        if result is not None and self.check is not None:
-            reason = self.check.refusal(*result)
-            if reason is not None:
-                with self.refused.get_lock():
-                    self.refused.value += 1
-                log.warning("refused a state from a peer: %s; trying the next peer", reason)
-                raise StateRefused(reason)
-        self.future.set_result(result)
-
-
-class _CheckedDownload:
-    """An averager that checks every state it downloads before handing it on (mixed into hivemind's averagers).
-
-    hivemind's download (``DecentralizedAverager._load_state_from_peers``, in the averager's process) asks the peers
-    in order of their announced priority and hands on the first state it receives, whatever it holds; its callers
-    (``TrainingStateAverager.load_state_from_peers``, ``DiLoCo``, the coordinator) would then apply it. Here the
-    state is checked in that loop, against the ``StateCheck`` that ``state_check`` (set by the owner, in this
-    process) builds for each download, so a refused peer is skipped and the next one asked. ``refused_states``
-    counts the refusals (a counter in shared memory, written in the averager's process)."""
-
-    state_check: Callable[[], StateCheck | None] | None = None
-    """Builds the check for the next download (in the host process, when the download begins)."""
-    _outer_pipe: Connection  # the averager's: hivemind's command pipe to its process
-
-    def __init__(self, *args, **kwargs):
-        self._refused = mp.Value(ctypes.c_int, 0)  # before super() starts the averager's process: it is shared
-        self._check: StateCheck | None = None  # the averager process's copy, armed for each download
-        super().__init__(*args, **kwargs)
-
-    @property
-    def refused_states(self) -> int:
-        """States refused since this averager started."""
-        return self._refused.value
-
-    def load_state_from_peers(self, *args, **kwargs):
-        check = self.state_check() if self.state_check is not None else None
-        # pipe messages run in order in the averager's process: the check is in place before the download begins
-        self._outer_pipe.send(("_arm_state_check", [check], {}))
-        return super().load_state_from_peers(*args, **kwargs)  # pyright: ignore[reportAttributeAccessIssue]  # the averager's, next in the MRO
-
-    async def _arm_state_check(self, check: StateCheck | None) -> None:  # runs in the averager's process
-        self._check = check
-
-    async def _load_state_from_peers(self, future, timeout: float | None = None):  # runs in the averager's process
-        checked = _CheckedResult(future, self._check, self._refused)
-        await super()._load_state_from_peers(checked, timeout=timeout)  # pyright: ignore[reportAttributeAccessIssue]  # the averager's, next in the MRO
 
 
 class _GroupSized:

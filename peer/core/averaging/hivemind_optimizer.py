@@ -47,10 +47,10 @@ from vitpeer.peer.core.averaging.hivemind_averagers import (
     PlausibleProgressTracker,
     TrainingStateAverager,
     _GroupSized,
-    _LoadDeadline,
     catch_up_scheduler,
     say_goodbye,
 )
+from vitpeer.peer.core.averaging.hivemind_downloads import _LoadDeadline
 from vitpeer.peer.core.averaging.poison_guard import PoisonGuard
 from vitpeer.peer.core.averaging.remote_state import StateCheck, download_bound, training_state_check
 

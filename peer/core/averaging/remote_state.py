@@ -11,6 +11,7 @@ the check inside hivemind's download loop, so a refused peer is skipped for the 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +122,13 @@ class StateCheck:
     optimizer: tuple[tuple[str, Any], ...] | None = None
     """``gradient`` states only: this peer's optimizer settings as hivemind flattens them (``optimizer_expectation``).
     A peer's must equal them, but the learning rate, which the schedule moves between 0 and its initial value."""
+
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes a sender may stream for this state: its tensors uncompressed, a quarter more, and a MiB for
+        the metadata and the framing (a compressed state is smaller still). A sender past it is cut off mid-stream."""
+        raw = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.layout)
+        return int(raw * 1.25) + (1 << 20)
 
     def refusal(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
         """Why the state ``(metadata, tensors)`` must not be taken, or None when it may be."""
