@@ -9,12 +9,14 @@ Layout of ``<state-dir>/checkpoints/``::
     *.tmp                a write in progress, or one cut off by a crash: removed at start, never loaded
 
 One write: serialize into memory, write ``<name>.tmp`` (1 MiB at a time), fsync it, rename it into place and fsync
-the directory; the sidecar follows the same way. Loading checks the size and sha256 the sidecar recorded, and falls
-back to the next older checkpoint when they do not match.
+the directory; the sidecar follows the same way, and only then are older checkpoints pruned (sidecar first). A write
+that fails (a full disk) removes its ``.tmp`` and the uncommitted checkpoint file, and prunes nothing. Loading checks
+the size and sha256 the sidecar recorded, and falls back to the next older checkpoint when they do not match.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -38,27 +40,41 @@ CHUNK_DELAY_ENV = "VITPEER_TEST_CHECKPOINT_CHUNK_DELAY"
 
 
 def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+    """Make the names in ``directory`` (a rename, a new or removed file) survive a power cut."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise OSError(err.errno, f"syncing the directory {directory} failed ({err.strerror or err})") from err
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """``path`` holds either its old content or all of ``data``, whatever happens to this process meanwhile."""
+    """``path`` holds either its old content or all of ``data``, whatever happens to this process meanwhile; when
+    this returns, both the bytes and the name are on disk. A write that fails (a full disk) removes its ``.tmp`` and
+    raises an OSError naming ``path``."""
     delay = float(os.environ.get(CHUNK_DELAY_ENV, "0"))
     partial = path.with_name(path.name + ".tmp")
-    with partial.open("wb") as sink:
-        for start in range(0, len(data), CHUNK):
-            sink.write(data[start : start + CHUNK])
-            if delay:
-                sink.flush()
-                time.sleep(delay)
-        sink.flush()
-        os.fsync(sink.fileno())
-    os.replace(partial, path)
-    _fsync_dir(path.parent)
+    try:
+        with partial.open("wb") as sink:
+            for start in range(0, len(data), CHUNK):
+                sink.write(data[start : start + CHUNK])
+                if delay:
+                    sink.flush()
+                    time.sleep(delay)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(partial, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            reason = err.strerror or str(err)
+            raise OSError(err.errno, f"writing {path} failed ({reason}): it keeps its previous content") from err
+        raise
+    _fsync_dir(path.parent)  # the rename itself, not only the bytes
 
 
 @dataclass(frozen=True)
@@ -100,11 +116,18 @@ class CheckpointStore:
         torch.save(state, buffer)
         data = buffer.getvalue()
         path = self.directory / f"{self.name(state['swarm_epoch'])}.pt"
-        write_atomic(path, data)
+        try:
+            write_atomic(path, data)
+        except BaseException:
+            if not path.with_suffix(".json").exists():  # renamed, but its directory failed to sync: never committed
+                path.unlink(missing_ok=True)
+            raise
         return Written(path, hashlib.sha256(data).hexdigest(), len(data), round(time.monotonic() - started, 3))
 
     def commit(self, written: Written, meta: dict[str, Any]) -> dict[str, Any]:
-        """Write the sidecar that makes ``written`` a complete checkpoint, then prune; return the sidecar."""
+        """Write the sidecar that makes ``written`` a complete checkpoint, then prune; return the sidecar. Nothing is
+        pruned unless the checkpoint and its sidecar are on disk; when the sidecar cannot be written, the checkpoint
+        file goes too (it would never load) and the error names the sidecar."""
         sidecar = {
             **meta,
             "file": written.path.name,
@@ -112,7 +135,13 @@ class CheckpointStore:
             "sha256": written.sha256,
             "write_seconds": written.write_seconds,
         }
-        write_atomic(written.path.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+        path = written.path.with_suffix(".json")
+        try:
+            write_atomic(path, (json.dumps(sidecar, indent=2) + "\n").encode())
+        except BaseException:
+            path.unlink(missing_ok=True)  # renamed, but its directory failed to sync: not known to be durable
+            written.path.unlink(missing_ok=True)
+            raise
         self.prune()
         return sidecar
 
@@ -158,10 +187,13 @@ class CheckpointStore:
         keep = {sidecar["file"] for sidecar in complete[-self.keep_last :]}
         if best is not None:
             keep.add(best["file"])
-        for sidecar in complete:
-            if sidecar["file"] not in keep:
-                (self.directory / sidecar["file"]).with_suffix(".json").unlink()  # uncommit first
-                (self.directory / sidecar["file"]).unlink()
+        pruned = [self.directory / sidecar["file"] for sidecar in complete if sidecar["file"] not in keep]
+        for path in pruned:
+            path.with_suffix(".json").unlink()  # uncommit first...
+        if pruned:
+            _fsync_dir(self.directory)  # ...on disk too, before the file goes
+        for path in pruned:
+            path.unlink()
 
 
 def export_for_timm(net: nn.Module, model_args: dict[str, Any], results: dict[str, Any], directory: Path) -> None:
