@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 CHUNK_DELAY_ENV = "VITPEER_TEST_CHECKPOINT_CHUNK_DELAY"
 """Seconds to pause after each written MiB. For fault-injection tests only (a SIGKILL in the middle of a write)."""
+RESULTS = "all_results.json"
+"""The export's scores and provenance (``export_for_timm``), written last: the mark of a finished export."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -199,14 +201,36 @@ class CheckpointStore:
 def export_for_timm(net: nn.Module, model_args: dict[str, Any], results: dict[str, Any], directory: Path) -> None:
     """Write ``net`` the way the Hugging Face Trainer leaves a run: ``model.safetensors``, ``config.json`` (loadable
     with ``timm.create_model("local-dir:<directory>", pretrained=True)``; without ``pretrained=True`` timm builds the
-    architecture with fresh weights) and ``all_results.json``. Replaces ``directory`` whole."""
+    architecture with fresh weights) and ``all_results.json``, replacing what ``directory`` held.
+
+    Each file is written in ``<directory>.tmp``, synced, renamed into ``directory`` (so a file there is always whole)
+    and the directory synced. ``all_results.json`` is removed first and written last, so ``directory`` without it is an
+    export a crash or an error cut off (``exported`` says None). An error names ``directory`` and leaves no ``.tmp``."""
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    timm.models.save_for_hf(net, str(staging), model_args=model_args, safe_serialization=True)
-    (staging / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    retired = directory.with_name(directory.name + ".old")
-    shutil.rmtree(retired, ignore_errors=True)
-    if directory.exists():
-        directory.rename(retired)
-    staging.rename(directory)
-    shutil.rmtree(retired, ignore_errors=True)
+    try:
+        timm.models.save_for_hf(net, str(staging), model_args=model_args, safe_serialization=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / RESULTS).unlink(missing_ok=True)  # uncommit the previous export...
+        _fsync_dir(directory)  # ...on disk, before any of its files is replaced
+        for staged in sorted(staging.iterdir()):
+            with staged.open("rb") as source:
+                os.fsync(source.fileno())
+            os.replace(staged, directory / staged.name)
+        _fsync_dir(directory)
+        write_atomic(directory / RESULTS, (json.dumps(results, indent=2) + "\n").encode())
+    except Exception as err:
+        cause = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+        message = f"exporting the best model into {directory} failed ({cause})"
+        raise (OSError(err.errno, message) if isinstance(err, OSError) else RuntimeError(message)) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def exported(directory: Path) -> dict[str, Any] | None:
+    """``all_results.json`` of the finished export in ``directory``; None when there is none (or it was cut off)."""
+    try:
+        results = json.loads((directory / RESULTS).read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
