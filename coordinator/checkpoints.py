@@ -11,7 +11,8 @@ Layout of ``<state-dir>/checkpoints/``::
 One write: serialize into memory, write ``<name>.tmp`` (1 MiB at a time), fsync it, rename it into place and fsync
 the directory; the sidecar follows the same way, and only then are older checkpoints pruned (sidecar first). A write
 that fails (a full disk) removes its ``.tmp`` and the uncommitted checkpoint file, and prunes nothing. Loading checks
-the size and sha256 the sidecar recorded, and falls back to the next older checkpoint when they do not match.
+the size and sha256 the sidecar recorded, and falls back to the next older checkpoint when they do not match; the
+best is the evaluated checkpoint (a finite ``val_accuracy``) with the highest accuracy whose sha256 matches.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -96,6 +98,7 @@ class CheckpointStore:
         if keep_last < 1:
             raise ValueError(f"keep_last = {keep_last}: keep at least the newest checkpoint (1)")
         self.directory, self.keep_last = directory, keep_last
+        self.hashed: dict[str, tuple[tuple[int, int, str], bool]] = {}  # file -> (size, mtime, sha256), it matched
         directory.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -144,6 +147,8 @@ class CheckpointStore:
             path.unlink(missing_ok=True)  # renamed, but its directory failed to sync: not known to be durable
             written.path.unlink(missing_ok=True)
             raise
+        stat = written.path.stat()
+        self.hashed[written.path.name] = ((stat.st_size, stat.st_mtime_ns, written.sha256), True)  # hashed as written
         self.prune()
         return sidecar
 
@@ -168,19 +173,50 @@ class CheckpointStore:
         complete = self.complete()
         return complete[-1] if complete else None
 
+    def intact(self, sidecar: dict[str, Any]) -> bool:
+        """Whether the checkpoint file's bytes match the sidecar's sha256; each version of a file is hashed once."""
+        path = self.directory / sidecar["file"]
+        try:
+            stat = path.stat()
+            key = (stat.st_size, stat.st_mtime_ns, str(sidecar.get("sha256")))
+            known = self.hashed.get(path.name)
+            if known is None or known[0] != key:
+                digest = hashlib.sha256()
+                with path.open("rb") as source:
+                    while block := source.read(CHUNK):
+                        digest.update(block)
+                known = self.hashed[path.name] = (key, digest.hexdigest() == sidecar.get("sha256"))
+                if not known[1]:
+                    log.warning("%s does not match its sidecar's sha256 (damaged): never loaded, never the best", path)
+        except OSError as err:
+            log.warning("cannot check %s against its sidecar: %s", path, err)
+            return False
+        return known[1]
+
     def best(self) -> dict[str, Any] | None:
-        """The complete checkpoint with the highest validation accuracy (the newer one on ties)."""
-        scored = [sidecar for sidecar in self.complete() if sidecar.get("val_accuracy") is not None]
-        return max(scored, key=lambda sidecar: (sidecar["val_accuracy"], sidecar["swarm_epoch"]), default=None)
+        """The evaluated checkpoint with the highest validation accuracy (the newer one on ties) whose bytes match
+        its sha256: a checkpoint without a finite accuracy, or a damaged one, is never the best."""
+        scored = [sidecar for sidecar in self.complete() if _evaluated(sidecar)]
+        scored.sort(key=lambda sidecar: (sidecar["val_accuracy"], sidecar["swarm_epoch"]), reverse=True)
+        return next((sidecar for sidecar in scored if self.intact(sidecar)), None)
+
+    def load(self, sidecar: dict[str, Any]) -> dict[str, Any] | None:
+        """The state ``sidecar`` commits, or None when its file's bytes do not match their sha256."""
+        path = self.directory / sidecar["file"]
+        stat, data = path.stat(), path.read_bytes()
+        matches = hashlib.sha256(data).hexdigest() == sidecar.get("sha256")
+        self.hashed[path.name] = ((stat.st_size, stat.st_mtime_ns, str(sidecar.get("sha256"))), matches)
+        if not matches:
+            log.warning("skipping %s: its sha256 does not match the sidecar (damaged file)", sidecar["file"])
+            return None
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # never unpickle code
 
     def load_newest(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(sidecar, state) of the newest checkpoint whose bytes match their sha256; None when there is none."""
         for sidecar in reversed(self.complete()):
-            data = (self.directory / sidecar["file"]).read_bytes()
-            if hashlib.sha256(data).hexdigest() != sidecar["sha256"]:
-                log.warning("skipping %s: its sha256 does not match the sidecar (damaged file)", sidecar["file"])
-                continue
-            return sidecar, torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            state = self.load(sidecar)
+            if state is not None:
+                return sidecar, state
         return None
 
     def prune(self) -> None:
@@ -196,6 +232,11 @@ class CheckpointStore:
             _fsync_dir(self.directory)  # ...on disk too, before the file goes
         for path in pruned:
             path.unlink()
+
+
+def _evaluated(sidecar: dict[str, Any]) -> bool:
+    accuracy = sidecar.get("val_accuracy")
+    return isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and math.isfinite(accuracy)
 
 
 def export_for_timm(net: nn.Module, model_args: dict[str, Any], results: dict[str, Any], directory: Path) -> None:
@@ -234,3 +275,12 @@ def exported(directory: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return results if isinstance(results, dict) else None
+
+
+def withdraw_export(directory: Path) -> None:
+    """Remove the export in ``directory`` (``all_results.json`` first, synced): nothing there is served any more."""
+    shutil.rmtree(directory.with_name(directory.name + ".tmp"), ignore_errors=True)
+    if directory.exists():
+        (directory / RESULTS).unlink(missing_ok=True)
+        _fsync_dir(directory)
+        shutil.rmtree(directory)
