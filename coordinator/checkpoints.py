@@ -9,16 +9,20 @@ Layout of ``<state-dir>/checkpoints/``::
     *.tmp                a write in progress, or one cut off by a crash: removed at start, never loaded
 
 One write: serialize into memory, write ``<name>.tmp`` (1 MiB at a time), fsync it, rename it into place and fsync
-the directory; the sidecar follows the same way. Loading checks the size and sha256 the sidecar recorded, and falls
-back to the next older checkpoint when they do not match.
+the directory; the sidecar follows the same way, and only then are older checkpoints pruned (sidecar first). A write
+that fails (a full disk) removes its ``.tmp`` and the uncommitted checkpoint file, and prunes nothing. Loading checks
+the size and sha256 the sidecar recorded, and falls back to the next older checkpoint when they do not match; the
+best is the evaluated checkpoint (a finite ``val_accuracy``) with the highest accuracy whose sha256 matches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -35,30 +39,46 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 CHUNK_DELAY_ENV = "VITPEER_TEST_CHECKPOINT_CHUNK_DELAY"
 """Seconds to pause after each written MiB. For fault-injection tests only (a SIGKILL in the middle of a write)."""
+RESULTS = "all_results.json"
+"""The export's scores and provenance (``export_for_timm``), written last: the mark of a finished export."""
 
 
 def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+    """Make the names in ``directory`` (a rename, a new or removed file) survive a power cut."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise OSError(err.errno, f"syncing the directory {directory} failed ({err.strerror or err})") from err
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """``path`` holds either its old content or all of ``data``, whatever happens to this process meanwhile."""
+    """``path`` holds either its old content or all of ``data``, whatever happens to this process meanwhile; when
+    this returns, both the bytes and the name are on disk. A write that fails (a full disk) removes its ``.tmp`` and
+    raises an OSError naming ``path``."""
     delay = float(os.environ.get(CHUNK_DELAY_ENV, "0"))
     partial = path.with_name(path.name + ".tmp")
-    with partial.open("wb") as sink:
-        for start in range(0, len(data), CHUNK):
-            sink.write(data[start : start + CHUNK])
-            if delay:
-                sink.flush()
-                time.sleep(delay)
-        sink.flush()
-        os.fsync(sink.fileno())
-    os.replace(partial, path)
-    _fsync_dir(path.parent)
+    try:
+        with partial.open("wb") as sink:
+            for start in range(0, len(data), CHUNK):
+                sink.write(data[start : start + CHUNK])
+                if delay:
+                    sink.flush()
+                    time.sleep(delay)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(partial, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            reason = err.strerror or str(err)
+            raise OSError(err.errno, f"writing {path} failed ({reason}): it keeps its previous content") from err
+        raise
+    _fsync_dir(path.parent)  # the rename itself, not only the bytes
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,7 @@ class CheckpointStore:
         if keep_last < 1:
             raise ValueError(f"keep_last = {keep_last}: keep at least the newest checkpoint (1)")
         self.directory, self.keep_last = directory, keep_last
+        self.hashed: dict[str, tuple[tuple[int, int, str], bool]] = {}  # file -> (size, mtime, sha256), it matched
         directory.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -100,11 +121,18 @@ class CheckpointStore:
         torch.save(state, buffer)
         data = buffer.getvalue()
         path = self.directory / f"{self.name(state['swarm_epoch'])}.pt"
-        write_atomic(path, data)
+        try:
+            write_atomic(path, data)
+        except BaseException:
+            if not path.with_suffix(".json").exists():  # renamed, but its directory failed to sync: never committed
+                path.unlink(missing_ok=True)
+            raise
         return Written(path, hashlib.sha256(data).hexdigest(), len(data), round(time.monotonic() - started, 3))
 
     def commit(self, written: Written, meta: dict[str, Any]) -> dict[str, Any]:
-        """Write the sidecar that makes ``written`` a complete checkpoint, then prune; return the sidecar."""
+        """Write the sidecar that makes ``written`` a complete checkpoint, then prune; return the sidecar. Nothing is
+        pruned unless the checkpoint and its sidecar are on disk; when the sidecar cannot be written, the checkpoint
+        file goes too (it would never load) and the error names the sidecar."""
         sidecar = {
             **meta,
             "file": written.path.name,
@@ -112,7 +140,15 @@ class CheckpointStore:
             "sha256": written.sha256,
             "write_seconds": written.write_seconds,
         }
-        write_atomic(written.path.with_suffix(".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+        path = written.path.with_suffix(".json")
+        try:
+            write_atomic(path, (json.dumps(sidecar, indent=2) + "\n").encode())
+        except BaseException:
+            path.unlink(missing_ok=True)  # renamed, but its directory failed to sync: not known to be durable
+            written.path.unlink(missing_ok=True)
+            raise
+        stat = written.path.stat()
+        self.hashed[written.path.name] = ((stat.st_size, stat.st_mtime_ns, written.sha256), True)  # hashed as written
         self.prune()
         return sidecar
 
@@ -137,19 +173,50 @@ class CheckpointStore:
         complete = self.complete()
         return complete[-1] if complete else None
 
+    def intact(self, sidecar: dict[str, Any]) -> bool:
+        """Whether the checkpoint file's bytes match the sidecar's sha256; each version of a file is hashed once."""
+        path = self.directory / sidecar["file"]
+        try:
+            stat = path.stat()
+            key = (stat.st_size, stat.st_mtime_ns, str(sidecar.get("sha256")))
+            known = self.hashed.get(path.name)
+            if known is None or known[0] != key:
+                digest = hashlib.sha256()
+                with path.open("rb") as source:
+                    while block := source.read(CHUNK):
+                        digest.update(block)
+                known = self.hashed[path.name] = (key, digest.hexdigest() == sidecar.get("sha256"))
+                if not known[1]:
+                    log.warning("%s does not match its sidecar's sha256 (damaged): never loaded, never the best", path)
+        except OSError as err:
+            log.warning("cannot check %s against its sidecar: %s", path, err)
+            return False
+        return known[1]
+
     def best(self) -> dict[str, Any] | None:
-        """The complete checkpoint with the highest validation accuracy (the newer one on ties)."""
-        scored = [sidecar for sidecar in self.complete() if sidecar.get("val_accuracy") is not None]
-        return max(scored, key=lambda sidecar: (sidecar["val_accuracy"], sidecar["swarm_epoch"]), default=None)
+        """The evaluated checkpoint with the highest validation accuracy (the newer one on ties) whose bytes match
+        its sha256: a checkpoint without a finite accuracy, or a damaged one, is never the best."""
+        scored = [sidecar for sidecar in self.complete() if _evaluated(sidecar)]
+        scored.sort(key=lambda sidecar: (sidecar["val_accuracy"], sidecar["swarm_epoch"]), reverse=True)
+        return next((sidecar for sidecar in scored if self.intact(sidecar)), None)
+
+    def load(self, sidecar: dict[str, Any]) -> dict[str, Any] | None:
+        """The state ``sidecar`` commits, or None when its file's bytes do not match their sha256."""
+        path = self.directory / sidecar["file"]
+        stat, data = path.stat(), path.read_bytes()
+        matches = hashlib.sha256(data).hexdigest() == sidecar.get("sha256")
+        self.hashed[path.name] = ((stat.st_size, stat.st_mtime_ns, str(sidecar.get("sha256"))), matches)
+        if not matches:
+            log.warning("skipping %s: its sha256 does not match the sidecar (damaged file)", sidecar["file"])
+            return None
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # never unpickle code
 
     def load_newest(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """(sidecar, state) of the newest checkpoint whose bytes match their sha256; None when there is none."""
         for sidecar in reversed(self.complete()):
-            data = (self.directory / sidecar["file"]).read_bytes()
-            if hashlib.sha256(data).hexdigest() != sidecar["sha256"]:
-                log.warning("skipping %s: its sha256 does not match the sidecar (damaged file)", sidecar["file"])
-                continue
-            return sidecar, torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            state = self.load(sidecar)
+            if state is not None:
+                return sidecar, state
         return None
 
     def prune(self) -> None:
@@ -158,23 +225,62 @@ class CheckpointStore:
         keep = {sidecar["file"] for sidecar in complete[-self.keep_last :]}
         if best is not None:
             keep.add(best["file"])
-        for sidecar in complete:
-            if sidecar["file"] not in keep:
-                (self.directory / sidecar["file"]).with_suffix(".json").unlink()  # uncommit first
-                (self.directory / sidecar["file"]).unlink()
+        pruned = [self.directory / sidecar["file"] for sidecar in complete if sidecar["file"] not in keep]
+        for path in pruned:
+            path.with_suffix(".json").unlink()  # uncommit first...
+        if pruned:
+            _fsync_dir(self.directory)  # ...on disk too, before the file goes
+        for path in pruned:
+            path.unlink()
+
+
+def _evaluated(sidecar: dict[str, Any]) -> bool:
+    accuracy = sidecar.get("val_accuracy")
+    return isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and math.isfinite(accuracy)
 
 
 def export_for_timm(net: nn.Module, model_args: dict[str, Any], results: dict[str, Any], directory: Path) -> None:
     """Write ``net`` the way the Hugging Face Trainer leaves a run: ``model.safetensors``, ``config.json`` (loadable
     with ``timm.create_model("local-dir:<directory>", pretrained=True)``; without ``pretrained=True`` timm builds the
-    architecture with fresh weights) and ``all_results.json``. Replaces ``directory`` whole."""
+    architecture with fresh weights) and ``all_results.json``, replacing what ``directory`` held.
+
+    Each file is written in ``<directory>.tmp``, synced, renamed into ``directory`` (so a file there is always whole)
+    and the directory synced. ``all_results.json`` is removed first and written last, so ``directory`` without it is an
+    export a crash or an error cut off (``exported`` says None). An error names ``directory`` and leaves no ``.tmp``."""
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    timm.models.save_for_hf(net, str(staging), model_args=model_args, safe_serialization=True)
-    (staging / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    retired = directory.with_name(directory.name + ".old")
-    shutil.rmtree(retired, ignore_errors=True)
+    try:
+        timm.models.save_for_hf(net, str(staging), model_args=model_args, safe_serialization=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / RESULTS).unlink(missing_ok=True)  # uncommit the previous export...
+        _fsync_dir(directory)  # ...on disk, before any of its files is replaced
+        for staged in sorted(staging.iterdir()):
+            with staged.open("rb") as source:
+                os.fsync(source.fileno())
+            os.replace(staged, directory / staged.name)
+        _fsync_dir(directory)
+        write_atomic(directory / RESULTS, (json.dumps(results, indent=2) + "\n").encode())
+    except Exception as err:
+        cause = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+        message = f"exporting the best model into {directory} failed ({cause})"
+        raise (OSError(err.errno, message) if isinstance(err, OSError) else RuntimeError(message)) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def exported(directory: Path) -> dict[str, Any] | None:
+    """``all_results.json`` of the finished export in ``directory``; None when there is none (or it was cut off)."""
+    try:
+        results = json.loads((directory / RESULTS).read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def withdraw_export(directory: Path) -> None:
+    """Remove the export in ``directory`` (``all_results.json`` first, synced): nothing there is served any more."""
+    shutil.rmtree(directory.with_name(directory.name + ".tmp"), ignore_errors=True)
     if directory.exists():
-        directory.rename(retired)
-    staging.rename(directory)
-    shutil.rmtree(retired, ignore_errors=True)
+        (directory / RESULTS).unlink(missing_ok=True)
+        _fsync_dir(directory)
+        shutil.rmtree(directory)

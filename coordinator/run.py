@@ -1,7 +1,8 @@
 """``vitpeer coordinator``: the whole loop, top to bottom.
 
 Start: DHT node with a persistent identity at a fixed port -> the run's state, in the protocol of its algorithm
-(``open_swarm_state``) -> reload the newest complete checkpoint, if any -> HTTP API. Then, every ``poll_interval``
+(``open_swarm_state``) -> reload the newest complete checkpoint, if any -> keep ``best/`` only if it is the export of
+the best evaluated, intact checkpoint (``publish_best``) -> HTTP API. Then, every ``poll_interval``
 seconds until SIGTERM or Ctrl-C: read the peers' signed metrics records (one row per signing key, implausible ones
 skipped: ``core.swarm.records.read_reports``), append the history, and when a checkpoint is due, download the swarm's
 state, write it, evaluate it, commit it and export the best. One failure (a download, an evaluation, a write) is
@@ -10,9 +11,12 @@ logged and counted in ``/status`` and tried again at the next interval; it never
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -21,9 +25,10 @@ from typing import Any
 
 from hivemind.utils import get_dht_time
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from torch import nn
 
-from vitpeer.coordinator.api import ApiServer, page_routes
-from vitpeer.coordinator.checkpoints import CheckpointStore, export_for_timm
+from vitpeer.coordinator.api import BEST_FILES, ApiServer, page_routes
+from vitpeer.coordinator.checkpoints import CheckpointStore, export_for_timm, exported, withdraw_export
 from vitpeer.coordinator.config import CoordinatorConfig
 from vitpeer.coordinator.state import evaluate, open_swarm_state
 from vitpeer.monitor.exporter import InfoCollector, host_registry
@@ -85,6 +90,11 @@ class Coordinator:
                 sidecar["file"],
                 self.state.epoch,
             )
+        try:
+            self.publish_best()  # what the last run left in best/ is served only if it is still the best
+        except Exception as err:  # logged, counted; the next checkpoint tries again
+            self.errors["export"] += 1
+            log.warning("publishing the best checkpoint failed (%s: %s)", type(err).__name__, err)
         self.registry = host_registry()  # /metrics: this host, the swarm's records, checkpoints
         run = self.config.swarm
         self.registry.register(InfoCollector(self.dht.peer_id.to_base58(), run.run_id, "coordinator", run.algorithm))
@@ -172,11 +182,43 @@ class Coordinator:
             sidecar["bytes"] / 1e6,
             sidecar["write_seconds"],
         )
-        best = self.store.best()
-        if best is not None and best["file"] == sidecar["file"]:
-            self.export(sidecar)
+        self.publish_best(fresh=sidecar)
 
-    def export(self, sidecar: dict[str, Any]) -> None:
+    def publish_best(self, fresh: dict[str, Any] | None = None) -> None:
+        """Make ``best/`` the export of ``store.best()`` (the evaluated checkpoint with the highest accuracy whose bytes
+        match their sha256), or serve no best when there is none: after a restart, a crash or a failed export, best/
+        never holds a model that was not evaluated, a damaged one, or one that is no longer the best. ``fresh`` is the
+        checkpoint just written from ``state``; any other is read back from disk."""
+        directory = self.coord.state_dir / "best"
+        shutil.rmtree(directory.with_name("best.old"), ignore_errors=True)  # left by a crash of an older version
+        best, results = self.store.best(), exported(directory)
+        if best is None:
+            if directory.exists():
+                log.warning("withdrawing %s: no evaluated checkpoint whose bytes match their sha256 is left", directory)
+                withdraw_export(directory)
+            return
+        served = [directory / name for name, _ in BEST_FILES.values()]
+        if results is not None and all(path.is_file() for path in served):
+            claims = (results.get("checkpoint"), results.get("swarm_epoch"), results.get("eval_accuracy"))
+            if claims == (best["file"], best["swarm_epoch"], best["val_accuracy"]):
+                return
+        if fresh is not None and fresh["file"] == best["file"]:
+            net = self.state.net
+        else:
+            state = self.store.load(best)
+            if state is None:  # damaged since it was hashed: now known so, and never the best again
+                return self.publish_best(fresh)
+            net = copy.deepcopy(self.state.net)
+            net.load_state_dict(state["model"])
+            log.info("exporting %s (val accuracy %.4f) to %s", best["file"], best["val_accuracy"], directory)
+        try:
+            self.export(best, net)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the export's own error is the one to report
+                withdraw_export(directory)  # a half-replaced best/ is not served
+            raise
+
+    def export(self, sidecar: dict[str, Any], net: nn.Module) -> None:
         model = self.config.model
         model_args = {**model.kwargs, "num_classes": self.state.num_classes}
         if model.img_size is not None:
@@ -190,7 +232,7 @@ class Coordinator:
             "checkpoint": sidecar["file"],
             "config_hash": sidecar["config_hash"],
         }
-        export_for_timm(self.state.net, model_args, results, self.coord.state_dir / "best")
+        export_for_timm(net, model_args, results, self.coord.state_dir / "best")
 
     # --- what the API serves --------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 from torch import nn
@@ -148,6 +150,117 @@ def test_export_loads_in_timm_with_the_same_weights_and_outputs(tmp_path: Path):
     batch = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch), net(batch))
+
+
+def fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+@pytest.mark.parametrize("failing", [".pt.tmp", ".json.tmp"], ids=["checkpoint", "sidecar"])
+def test_a_full_disk_during_a_write_leaves_no_trace_and_prunes_nothing(tmp_path: Path, monkeypatch, failing: str):
+    store = CheckpointStore(tmp_path, keep_last=2)
+    checkpoint(store, 1, seed=1, val_accuracy=0.2)
+    checkpoint(store, 2, seed=2, val_accuracy=0.3)  # a third checkpoint would prune the first
+    before = sorted(path.name for path in tmp_path.iterdir())
+    fsync = os.fsync
+
+    def full_disk(fd: int) -> None:
+        if fd_path(fd).endswith(failing):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match=rf"step_00000003{failing[:-4]}.*No space left on device") as raised:
+        checkpoint(store, 3, seed=3, val_accuracy=0.9)
+    monkeypatch.undo()
+
+    assert raised.value.errno == errno.ENOSPC
+    assert sorted(path.name for path in tmp_path.iterdir()) == before  # no .tmp, no uncommitted .pt, none pruned
+    assert [sidecar["swarm_epoch"] for sidecar in store.complete()] == [1, 2]
+    assert store.load_newest()[1]["swarm_epoch"] == 2 and store.best()["swarm_epoch"] == 2
+    checkpoint(store, 3, seed=3, val_accuracy=0.9)  # with room again, the next write succeeds and prunes
+    assert [sidecar["swarm_epoch"] for sidecar in store.complete()] == [2, 3]
+
+
+def test_a_checkpoint_is_synced_and_named_on_disk_before_it_counts_and_before_anything_is_pruned(
+    tmp_path: Path, monkeypatch
+):
+    store = CheckpointStore(tmp_path, keep_last=1)
+    checkpoint(store, 1)
+    events: list[tuple[str, str]] = []
+    fsync, replace, unlink = os.fsync, os.replace, os.unlink
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", fd_path(fd))), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("rename", str(dst))), replace(src, dst))[1])
+    monkeypatch.setattr(os, "unlink", lambda path: (events.append(("unlink", str(path))), unlink(path))[1])
+    checkpoint(store, 2)
+    monkeypatch.undo()
+
+    directory, pt, sidecar = str(tmp_path), str(tmp_path / "step_00000002.pt"), str(tmp_path / "step_00000002.json")
+    assert events[:6] == [
+        ("fsync", pt + ".tmp"),
+        ("rename", pt),
+        ("fsync", directory),  # the rename is on disk before the sidecar is written
+        ("fsync", sidecar + ".tmp"),
+        ("rename", sidecar),
+        ("fsync", directory),  # committed: only now may the older checkpoint go
+    ]
+    assert events[6:] == [
+        ("unlink", str(tmp_path / "step_00000001.json")),
+        ("fsync", directory),  # uncommitted on disk before its file goes
+        ("unlink", str(tmp_path / "step_00000001.pt")),
+    ]
+
+
+def test_every_best_file_is_synced_under_its_final_name_before_all_results_marks_the_export_done(
+    tmp_path: Path, monkeypatch
+):
+    model_args = {**KWARGS, "num_classes": 10, "img_size": 16}
+    export_for_timm(tiny_net(seed=1), model_args, {"eval_accuracy": 0.1}, tmp_path / "best")
+    events: list[tuple[str, str]] = []
+    fsync, replace, unlink = os.fsync, os.replace, os.unlink
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", fd_path(fd))), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("rename", str(dst))), replace(src, dst))[1])
+    monkeypatch.setattr(os, "unlink", lambda path, **kw: (events.append(("unlink", str(path))), unlink(path, **kw))[1])
+    export_for_timm(tiny_net(seed=2), model_args, {"eval_accuracy": 0.2}, tmp_path / "best")
+    monkeypatch.undo()
+
+    best, staging = tmp_path / "best", tmp_path / "best.tmp"
+    assert events == [
+        ("unlink", str(best / "all_results.json")),  # the previous export is no longer marked done...
+        ("fsync", str(best)),  # ...on disk, before its files change
+        ("fsync", str(staging / "config.json")),
+        ("rename", str(best / "config.json")),
+        ("fsync", str(staging / "model.safetensors")),
+        ("rename", str(best / "model.safetensors")),
+        ("fsync", str(best)),
+        ("fsync", str(best / "all_results.json.tmp")),
+        ("rename", str(best / "all_results.json")),
+        ("fsync", str(best)),
+    ]
+
+
+def test_an_export_cut_off_by_a_full_disk_leaves_the_previous_best_whole_and_no_tmp(tmp_path: Path, monkeypatch):
+    previous = tiny_net(seed=1).eval()
+    model_args = {**KWARGS, "num_classes": 10, "img_size": 16}
+    export = tmp_path / "best"
+    export_for_timm(previous, model_args, {"eval_accuracy": 0.5, "swarm_epoch": 4}, export)
+    save_file = safetensors.torch.save_file
+
+    def full_disk(tensors: dict[str, torch.Tensor], filename: str, *args: Any, **kwargs: Any) -> None:
+        save_file(tensors, filename, *args, **kwargs)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:1000])  # the disk filled up after 1000 bytes
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match=f"{export}.*No space left on device"):
+        export_for_timm(tiny_net(seed=2), model_args, {"eval_accuracy": 0.75, "swarm_epoch": 8}, export)
+    monkeypatch.undo()
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best"]
+    assert sorted(path.name for path in export.iterdir()) == ["all_results.json", "config.json", "model.safetensors"]
+    assert json.loads((export / "all_results.json").read_text()) == {"eval_accuracy": 0.5, "swarm_epoch": 4}
+    loaded = timm.create_model("local-dir:" + str(export), pretrained=True)
+    torch.testing.assert_close(loaded.state_dict(), previous.state_dict(), rtol=0, atol=0)
 
 
 def test_keep_last_zero_is_refused(tmp_path: Path):
