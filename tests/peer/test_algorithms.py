@@ -15,6 +15,7 @@ from fits import fit
 
 from vitpeer.peer.core.algorithms.base import PeerOptimizer, PeerSetup
 from vitpeer.peer.core.algorithms.diloco import DiLoCoAlgorithm
+from vitpeer.peer.core.algorithms.diloco_rounds import ROUND_BOUND, round_bound
 from vitpeer.peer.core.averaging.aggregation import AGGREGATIONS, centered_clip, mean, refusal, trimmed_mean
 from vitpeer.peer.core.averaging.hivemind_averagers import GroupSizedAverager
 from vitpeer.peer.core.config import ALGORITHMS, ConfigError, load_config
@@ -154,3 +155,11 @@ def test_what_a_peer_receives_is_checked_before_it_is_applied():
     assert refusal([t + 0.1 for t in own], own, 0.5, apart=True) is None
     far = refusal([t + 1 for t in own], own, 0.5, apart=True)
     assert far == "1 times the length of what this peer sent, away from it (at most 0.5)"
+
+
+def test_a_peer_that_trained_less_than_its_share_accepts_a_longer_round():
+    """A CPU peer that made 256 of a 4096-sample step shared by 2 sees the GPU peer's progress as much longer than its
+    own; a peer that trained its share or more keeps the plain bound."""
+    assert round_bound(4096, 2, 2048) == round_bound(4096, 2, 4000) == ROUND_BOUND
+    assert round_bound(4096, 2, 256) == 8 * ROUND_BOUND
+    assert round_bound(4096, 1, 0) == 4096 * ROUND_BOUND  # no samples at all: bounded still

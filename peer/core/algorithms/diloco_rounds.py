@@ -26,9 +26,18 @@ step kept the DHT process busy on the trainer's core. Others' estimates extrapol
 from a report with its samples per second, and they fetch at most every 0.5 s, so 0.25 s loses nothing."""
 
 ROUND_BOUND = 8.0
-"""A round's result (the swarm's pseudo-gradient) may be at most this many times as long as this peer's own: a
-longer one is rejected, never applied (``aggregation.refusal``). Peers of a round trained different numbers of local
-steps, on different data, so honest results differ from each peer's own, but by nothing like a factor of 8."""
+"""A round's result (the swarm's pseudo-gradient) may be at most this many times as long as this peer's own, times
+how far this peer's samples fell short of its share of the swarm step (``round_bound``): a longer one is rejected,
+never applied (``aggregation.refusal``). Peers train on different data, so honest results differ from each peer's
+own, but a peer that trained its share sees nothing like a factor of 8."""
+
+
+def round_bound(target_batch_size: int, peers: int, samples: int) -> float:
+    """``ROUND_BOUND``, widened for a peer that trained less than its share (``target / peers``) of the swarm step: a
+    CPU peer among GPU peers makes a small part of each step, and the others' progress is longer than its own."""
+    share = target_batch_size / max(peers, 1)
+    return ROUND_BOUND * max(1.0, share / max(samples, 1))
+
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,8 @@ class Round:
     """The local parameters at the hand-off: the progress made since then is kept on top of the result."""
     peers: int = 1
     """Peers this peer counted at the hand-off."""
+    samples: int = 0
+    """Samples this peer trained for this round."""
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -218,7 +229,7 @@ class DiLoCo(SharedState):
                 log.warning("could not start the round of swarm step %d: %r", epoch, err)
                 self.in_flight = None
                 return
-        self.in_flight = Round(epoch=epoch, control=control, own=own, hand_off=hand_off, peers=self.num_peers)
+        self.in_flight = Round(epoch, control, own, hand_off, peers=self.num_peers, samples=samples)
         if control is None:  # alone: the outer step takes this peer's own progress, now
             self._finish(self.in_flight)
 
@@ -243,7 +254,8 @@ class DiLoCo(SharedState):
             if gathered:
                 with self.averager.get_tensors() as buffers:  # pyright: ignore[reportGeneralTypeIssues]  # hivemind annotates this context manager as the tensors it yields
                     average = [buffer.clone() for buffer in buffers]
-                why = refusal(average, pending.own, ROUND_BOUND, apart=False)
+                bound = round_bound(self.tracker.target_batch_size, pending.peers, pending.samples)
+                why = refusal(average, pending.own, bound, apart=False)
                 if why is not None:
                     outcome, group_size = "rejected", 0
                     log.warning("rejected the result of the round of swarm step %d: %s", pending.epoch, why)
