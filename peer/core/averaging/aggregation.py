@@ -56,15 +56,16 @@ def trimmed(senders: int) -> int:
 
 def trimmed_mean(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """The coordinate-wise trimmed mean of the parts, every sender with the same weight (two: ``norm_clipped``)."""
-    stacked = norm_clipped(torch.stack([part.float().flatten() for part in parts]))
+    stacked = norm_clipped(parts)
     drop = trimmed(len(parts))
     return stacked.sort(dim=0).values[drop : len(parts) - drop].mean(dim=0).view_as(parts[0])
 
 
-def norm_clipped(stacked: torch.Tensor) -> torch.Tensor:
-    """The rows of ``stacked`` (one flattened part per sender) with every norm clipped to the median norm, the lower
+def norm_clipped(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The parts flattened into the rows of one float32 tensor, every row's norm clipped to the median norm, the lower
     of two: with two senders, the longer part is shortened to the shorter's length, so a liar paired with one honest
     peer can cancel that round's progress but never reverse or blow it up."""
+    stacked = torch.stack([part.float().flatten() for part in parts])
     norms = stacked.norm(dim=1)
     limit = norms.min() if len(norms) == 2 else norms.quantile(0.5)
     return stacked * (limit / norms.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)[:, None]
@@ -77,7 +78,7 @@ CLIP_ITERATIONS = 3
 def centered_clip(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """CenteredClip of the parts (``norm_clipped`` first) around a centre that starts at their coordinate-wise median,
     clipping radius the median distance from the current centre; every sender with the same weight."""
-    stacked = norm_clipped(torch.stack([part.float().flatten() for part in parts]))
+    stacked = norm_clipped(parts)
     if len(parts) < 3:
         return stacked.mean(dim=0).view_as(parts[0])
     centre = stacked.median(dim=0).values

@@ -69,6 +69,15 @@ class _LoadDeadline:
             return None
 
 
+def _refused(counter, error: Exception, message: str) -> Exception:
+    """Count a refused state in ``counter`` (shared memory) and say so; the error to raise where hivemind catches a
+    failed peer, so it asks the peer with the next priority."""
+    with counter.get_lock():
+        counter.value += 1
+    log.warning(message + "; trying the next peer", error)
+    return error
+
+
 class _CheckedResult:
     """Stands for hivemind's future in its download loop: a state that fails ``check`` raises where hivemind catches
     a failed peer, so hivemind tries the peer with the next priority; one that passes goes to ``future``."""
@@ -83,10 +92,7 @@ class _CheckedResult:
         if result is not None and self.check is not None:
             reason = self.check.refusal(*result)
             if reason is not None:
-                with self.refused.get_lock():
-                    self.refused.value += 1
-                log.warning("refused a state from a peer: %s; trying the next peer", reason)
-                raise StateRefused(reason)
+                raise _refused(self.refused, StateRefused(reason), "refused a state from a peer: %s")
         self.future.set_result(result)
 
 
@@ -120,10 +126,7 @@ async def _budgeted(stream, timeout: float | None):
             elif elapsed > RATE_GRACE and received < MIN_DOWNLOAD_RATE * elapsed:
                 why = f"sent {received} bytes in {elapsed:.0f} s, under {MIN_DOWNLOAD_RATE} bytes/s"
             if why is not None:
-                with refused.get_lock():
-                    refused.value += 1
-                log.warning("cut off a state download: the peer %s; trying the next peer", why)
-                raise DownloadCut(why)
+                raise _refused(refused, DownloadCut(why), "cut off a state download: the peer %s")
         yield message
 
 
