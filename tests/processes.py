@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-CONFIG = "digits_tiny"
-RUN_ID = "vitpeer-digits"  # digits_tiny's run id
+CONFIG = "digits_tiny_gradient"
+RUN_ID = "vitpeer-digits-gradient"  # digits_tiny_gradient's run id
 METRICS_AT = r"metrics for Prometheus at (http://\S+)"  # what join and monitor print once their exporter listens
 STOP_GRACE = 2.0
 """Seconds a test's processes get to exit on SIGTERM once the test is done with them, then SIGKILL (their hivemind
@@ -41,14 +41,19 @@ def fetch(url: str) -> str:
         return response.read().decode()
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5, log: Path | None = None) -> Any:
+    """``check()``'s first true value within ``timeout`` s; on time-out, an error that ends with ``log``'s last lines
+    (what the awaited process was doing: CI keeps no files)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log is not None and log.is_file() else ""
+    raise AssertionError(
+        f"timed out after {timeout:.0f} s waiting for {what}" + (f"; {log} ends:\n{tail}" if tail else "")
+    )
 
 
 def spawn(
@@ -130,7 +135,7 @@ def rejoin(
     peers.append(peer(index, tmp_path, coordinator))
     log = tmp_path / f"peer-{index}" / "log.txt"
     loaded = wait_for(
-        f"peer {index} to load the state", lambda: printed(log, r"loaded the swarm's state at step (\d+)"), 90
+        f"peer {index} to load the state", lambda: printed(log, r"loaded the swarm's state at step (\d+)"), 90, log=log
     )
     joined = wait_for(f"peer {index}'s id", lambda: peer_id(tmp_path, index), 10)
     wait_for(
@@ -138,5 +143,6 @@ def rejoin(
         lambda: listed(coordinator.status()).get(joined, {}).get("step", -1) > past,
         timeout,
         every=1,
+        log=log,
     )
     return int(loaded)

@@ -117,7 +117,7 @@ def test_a_peer_killed_in_a_round_does_not_stop_the_others(scenario):
 
 
 def test_a_late_joiner_enters_with_the_shared_state(scenario):
-    found = re.search(r"loaded the shared state of swarm step (\d+)", scenario["late_log"])
+    found = re.search(r"loaded the swarm's state at step (\d+)", scenario["late_log"])
     assert found, scenario["late_log"][-3000:]
     assert int(found.group(1)) >= scenario["late_started_at"]
     late = results(scenario["root"], "late")

@@ -181,7 +181,7 @@ class SharedState:
             self.epoch = self.tracker.update_epoch(max(self.epoch, int(metadata["epoch"])))
         self.samples = 0
         self._offer_state()
-        log.info("loaded the shared state of swarm step %s in %.1f s", metadata["epoch"], time.perf_counter() - started)
+        log.info("loaded the swarm's state at step %s in %.1f s", metadata["epoch"], time.perf_counter() - started)
         return True
 
     def restore(self, epoch: int, tensors: Sequence[torch.Tensor]) -> None:

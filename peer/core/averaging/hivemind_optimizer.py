@@ -286,6 +286,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         else:
             outcome = "loaded" if self.local_epoch > before else "current"
         seconds = time.perf_counter() - started
+        if outcome == "loaded":  # the start's download, or hivemind's catch-up in ``step`` when this peer fell behind
+            log.info("loaded the swarm's state at step %d in %.1f s", self.local_epoch, seconds)
         self.events.state_download(outcome, seconds)
         self.events.waited(seconds)  # the training thread downloads: it cannot compute meanwhile
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -152,12 +151,8 @@ class SwarmSteps(Strategy if TYPE_CHECKING else object):
     def load_state_from_peers(self) -> bool:
         """Download the swarm's current state within ``load_state_timeout``; True if it moved this peer forward."""
         before = self.optimizer.local_epoch
-        started = time.monotonic()
-        self.optimizer.load_state_from_peers()
-        after = self.optimizer.local_epoch
-        if after != before:
-            log.info("loaded the swarm's state at step %d in %.1f s", after, time.monotonic() - started)
-        return after != before
+        self.optimizer.load_state_from_peers()  # the swarm optimizer says what it loaded, this one or a catch-up
+        return self.optimizer.local_epoch != before
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_size = extract_batch_size(batch)  # known before the closure runs inside hivemind's step
