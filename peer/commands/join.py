@@ -31,6 +31,7 @@ from vitpeer.peer.core.lightning.strategy import HivemindStrategy, SwarmSteps
 from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
 from vitpeer.peer.core.model.parallel import device_type, sharder
 from vitpeer.peer.core.runtime.http import MetricsServer
+from vitpeer.peer.core.runtime.threads import Choice, ThreadShare
 from vitpeer.peer.core.swarm.dht import data_order_seed, join_hint, reachable_maddrs, start_dht
 from vitpeer.peer.core.swarm.fingerprint import FingerprintKeeper, refuse_mismatch, run_fingerprint
 from vitpeer.peer.core.swarm.records import RunFingerprint
@@ -61,6 +62,7 @@ def run_join(config: RunConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> 
         out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)  # same initial weights on every peer
 
+    threads = ThreadShare(config.trainer.threads)  # this process's share of the cores, before anything computes
     swarm = SwarmMembership(config) if leader else None  # only local rank 0 talks to the swarm
     try:
         classes = num_classes(config.data)
@@ -76,12 +78,12 @@ def run_join(config: RunConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> 
         reporting = swarm.start_reporting(strategy) if swarm is not None else []
         strategy.leave = leave.requested
         leave.while_leaving.append(strategy.stop_averaging_state)
-        callbacks = [*run_callbacks(config), stats, *reporting, leave, *extra_callbacks]
+        callbacks = [*run_callbacks(config), stats, threads, *reporting, leave, *extra_callbacks]
         trainer = pl.Trainer(
             strategy=strategy, accelerator=accelerator(config), callbacks=callbacks, **trainer_args(config)
         )
         if swarm is not None:
-            log.info("%s", startup_summary(config, swarm, trainer))
+            log.info("%s", startup_summary(config, swarm, trainer, threads.choice))
             leave.past_deadline.append(partial(swarm.leave_now, trainer, strategy))
 
         started = time.monotonic()
@@ -230,7 +232,7 @@ def accelerator(config: RunConfig) -> str:
     return config.trainer.accelerator
 
 
-def startup_summary(config: RunConfig, swarm: SwarmMembership, trainer: pl.Trainer) -> str:
+def startup_summary(config: RunConfig, swarm: SwarmMembership, trainer: pl.Trainer, threads: Choice) -> str:
     """One block at start: who this peer is, what it brings, where its metrics are, how others join."""
     settings, data, parallel = config.swarm, config.data, config.parallel
     metrics = swarm.metrics_server
@@ -238,7 +240,7 @@ def startup_summary(config: RunConfig, swarm: SwarmMembership, trainer: pl.Train
         names = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
         hardware = f"{len(names)} x {names[0]}" if len(set(names)) == 1 else ", ".join(names)
     else:
-        hardware = f"CPU, {torch.get_num_threads()} threads"
+        hardware = f"CPU, {threads}"
     ranks = trainer.world_size
     lines = [
         f"peer {swarm.dht.peer_id.to_base58()} "

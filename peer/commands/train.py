@@ -33,6 +33,7 @@ from vitpeer.peer.core.config import RunConfig
 from vitpeer.peer.core.data import VisionDataModule, num_classes
 from vitpeer.peer.core.model import ImageClassifier, build_model, image_config
 from vitpeer.peer.core.model.parallel import check_precision, device_type, lightning_strategy, sharder
+from vitpeer.peer.core.runtime.threads import ThreadShare
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,14 @@ def run_train(config: RunConfig, extra_callbacks: Sequence[pl.Callback] = ()) ->
     check_precision(config.trainer.precision, device_type(config.trainer.accelerator), swarm=False)
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)  # same initial weights on every rank
+    threads = ThreadShare(config.trainer.threads)  # this process's share of the cores, before anything computes
 
     classes = num_classes(config.data)
     net = build_model(config.model, classes)
     data = VisionDataModule(config.data, image_config(net, config.model), order_seed=config.trainer.seed)
     module = ImageClassifier(net, classes, config.optim, config.trainer.max_steps, shard=sharder(parallel))
     stats = RunStats()
-    callbacks = [*run_callbacks(config), stats, _LogLearningRate()]
+    callbacks = [*run_callbacks(config), stats, threads, _LogLearningRate()]
     if config.trainer.early_stopping_patience:
         callbacks.append(EarlyStopping("val/loss", patience=config.trainer.early_stopping_patience, mode="min"))
     callbacks += extra_callbacks
@@ -87,12 +89,13 @@ def run_train(config: RunConfig, extra_callbacks: Sequence[pl.Callback] = ()) ->
     if trainer.is_global_zero:
         config.write_to(out)
         log.info(
-            "training %s with %s on %d process(es) (%d node(s) x %d)",
+            "training %s with %s on %d process(es) (%d node(s) x %d); CPU: %s",
             config.model.name,
             parallel.strategy,
             trainer.world_size,
             parallel.num_nodes,
             parallel.devices,
+            threads.choice,
         )
     trainer.fit(module, datamodule=data, ckpt_path=config.trainer.resume, weights_only=True)  # never unpickle code
     summary = stats.summary(trainer)

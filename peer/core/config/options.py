@@ -30,7 +30,10 @@ from pydantic.fields import FieldInfo
 from vitpeer.peer.core.config import ConfigError, RunConfig, load_config
 
 DEFAULT_CONFIG = "digits_tiny"
-DEMO_CONFIG = "digits_tiny_diloco"  # the demo shows the algorithm that makes a second peer count
+"""What ``vitpeer train`` trains when no ``--config`` is given."""
+DEMO_CONFIG = "digits_tiny_diloco"
+"""What ``vitpeer demo``, ``vitpeer join`` and ``vitpeer coordinator`` run when no ``--config`` is given: digits_tiny
+with the diloco algorithm, whose rounds make a second peer count."""
 OUR_LOGGER = "vitpeer"  # our modules' log records are our progress lines, on stdout
 COORDINATOR_TIMEOUT = 60.0
 """Default seconds of ``--coordinator-timeout``: how long join and monitor retry a coordinator that does not answer."""
@@ -80,6 +83,7 @@ TRAINING_FLAGS = (  # what join and train share
     Flag("data.download"),
     Flag("trainer.precision"),
     Flag("trainer.accelerator"),
+    Flag("trainer.threads"),
     Flag("trainer.output_dir"),
     Flag("trainer.resume"),
     Flag("trainer.seed"),
@@ -220,13 +224,16 @@ def overrides(options: Mapping[str, Any], flags: Iterable[Flag]) -> dict[str, An
     return given
 
 
-config_file_option = click.option(
-    "--config",
-    "config_file",
-    metavar="FILE",
-    help=f"Experiment YAML: a path, or the name of a config in configs/.  [default: {DEFAULT_CONFIG}]",
-)
-"""``--config``, for the commands that build a run's config from a file and flags (join, train, coordinator)."""
+def config_file_option(default: str) -> Callable[[Command], Command]:
+    """``--config``, for the commands that build a run's config from a file and flags (join, train, coordinator);
+    ``default`` is the config used without it (passed to ``build_config``: a coordinator's wins over join's)."""
+    return click.option(
+        "--config",
+        "config_file",
+        metavar="FILE",
+        help=f"Experiment YAML: a path, or the name of a config in configs/.  [default: {default}]",
+    )
+
 
 coordinator_timeout_option = click.option(
     "--coordinator-timeout",
@@ -267,14 +274,15 @@ def build_config(
     flags: Iterable[Flag],
     text: str | None = None,
     source: str = "",
+    default: str = DEFAULT_CONFIG,
 ) -> RunConfig:
     """File values (or YAML ``text``) overridden by the ``flags`` that were given; a bad value exits naming the key,
-    the value and the rule."""
+    the value and the rule; ``default``: the config file when none is given."""
     given = overrides(options, flags)
     try:
         if text is not None:
             return load_config(None, given, text=text, source=source)
-        return load_config(config_file or DEFAULT_CONFIG, given)
+        return load_config(config_file or default, given)
     except ConfigError as err:
         raise BadInput(str(err)) from None
 
@@ -285,7 +293,7 @@ def join_config(
     """The peer's config: from --config, or from the coordinator's /config (retried for ``wait`` s while it does
     not answer); initial peers from the coordinator unless --initial-peers is given."""
     if coordinator is None:
-        return build_config(config_file, options, JOIN_FLAGS)
+        return build_config(config_file, options, JOIN_FLAGS, default=DEMO_CONFIG)
     from vitpeer.peer.core.runtime.http import coordinator_get  # imports prometheus_client: only with a coordinator
 
     try:
@@ -299,7 +307,7 @@ def join_config(
         raise click.ClickException(str(err)) from None
     if config_file is None:
         return build_config(None, options, JOIN_FLAGS, text=shared, source=f"{coordinator}/config")
-    config = build_config(config_file, options, JOIN_FLAGS)
+    config = build_config(config_file, options, JOIN_FLAGS, default=DEMO_CONFIG)
     theirs = load_config(None, text=shared, source=coordinator).swarm.run_id
     if config.swarm.run_id != theirs:
         raise BadInput(

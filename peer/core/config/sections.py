@@ -101,6 +101,9 @@ class TrainerConfig(Section):
     """Numerics: 32 (fp32), bf16-mixed (CPUs and Ampere+ GPUs), 16-mixed (GPU only, not in a swarm)."""
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     """Where to train; auto picks a GPU when one is visible."""
+    threads: int | None = Field(default=None, gt=0)
+    """torch's CPU threads in each process; unset: ``OMP_NUM_THREADS`` if set, else this process's share of the
+    cores it may use, counted with the other vitpeer processes on them (``core.runtime.threads``)."""
     seed: int = 0
     """Seed of model initialisation (the same on every peer); each peer's data order is reseeded from its peer id."""
     val_every_n_epochs: int = Field(default=1, gt=0)
