@@ -9,6 +9,7 @@ import click
 from vitpeer.coordinator.config import CoordinatorConfig, check_coordinator
 from vitpeer.peer.core.config import validated
 from vitpeer.peer.core.config.options import (
+    DEMO_CONFIG,
     Flag,
     build_config,
     config_file_option,
@@ -38,7 +39,7 @@ COORDINATOR_FLAGS = (
 
 
 @click.command()
-@config_file_option
+@config_file_option(DEMO_CONFIG)
 @config_options(RUN_FLAGS)
 @config_options(COORDINATOR_FLAGS, CoordinatorConfig)
 @click.option("-v", "--verbose", is_flag=True, help="Show hivemind's own logs.")
@@ -49,7 +50,7 @@ def coordinator(config_file: str | None, verbose: bool, **options: Any) -> None:
     Example: vitpeer coordinator --config cifar10_vit_b32_hivemind --state-dir /srv/vitpeer --host-port 31337
     Volunteers then run: vitpeer join --coordinator http://THIS_HOST:8470
     """
-    config = build_config(config_file, options, RUN_FLAGS)
+    config = build_config(config_file, options, RUN_FLAGS, default=DEMO_CONFIG)
     with reported():
         coord = validated(CoordinatorConfig, overrides(options, COORDINATOR_FLAGS), "command line")
         check_coordinator(config, coord)  # before anything is written, started or imported

@@ -15,6 +15,7 @@ import click
 from vitpeer.peer.commands import doctor, flops
 from vitpeer.peer.core.config import RunConfig, preflight
 from vitpeer.peer.core.config.options import (
+    DEFAULT_CONFIG,
     DEMO_CONFIG,
     FLAGS_OVER_FILE,
     JOIN_FLAGS,
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 
 @click.command(epilog=FLAGS_OVER_FILE)
-@config_file_option
+@config_file_option(DEMO_CONFIG)
 @click.option(
     "--coordinator",
     metavar="URL",
@@ -80,7 +81,7 @@ def join_steps(
 
 
 @click.command(epilog=FLAGS_OVER_FILE)
-@config_file_option
+@config_file_option(DEFAULT_CONFIG)
 @config_options(TRAIN_FLAGS)
 @click.option("-v", "--verbose", is_flag=True, help="Show Lightning's own logs.")
 def train(config_file: str | None, verbose: bool, **options: Any) -> None:

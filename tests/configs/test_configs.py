@@ -82,13 +82,14 @@ BUILT_ON_A_BASE = {  # name: (its base, what its old full file said)
         "cifar10_vit_b32",
         {
             **CIFAR10_VIT_B32,
+            "optim.warmup_steps": 5,
             "swarm.run_id": "vitpeer-cifar10-vit-b32",
-            "swarm.algorithm": "gradient",  # said nothing when gradient was the default; now it must say it
-            "swarm.target_batch_size": 640,
+            "swarm.algorithm": "diloco",  # the default; was gradient until 2026-12-07 (issue 28)
+            "swarm.target_batch_size": 10240,
             "swarm.matchmaking_time": 5.0,
             "swarm.averaging_timeout": 60.0,
             "swarm.compression": "fp16",
-            "trainer.max_steps": 2000,
+            "trainer.max_steps": 125,
             "trainer.accelerator": "auto",
             "trainer.output_dir": Path("outputs/cifar10_vit_b32_hivemind"),
         },
@@ -134,11 +135,11 @@ def test_a_config_built_on_a_base_resolves_to_what_its_full_file_said(name: str)
 def test_the_fields_that_tell_a_family_apart_come_from_the_overrides():
     ddp, fsdp, swarm = (load_config(f"cifar10_vit_b32_{kind}") for kind in ("ddp", "fsdp", "hivemind"))
     assert (ddp.parallel.strategy, fsdp.parallel.strategy, swarm.parallel.strategy) == ("ddp", "fsdp", "single")
-    assert (ddp.trainer.max_steps, fsdp.trainer.max_steps, swarm.trainer.max_steps) == (830, 830, 2000)
+    assert (ddp.trainer.max_steps, fsdp.trainer.max_steps, swarm.trainer.max_steps) == (830, 830, 125)
     assert (ddp.trainer.accelerator, fsdp.trainer.accelerator, swarm.trainer.accelerator) == ("gpu", "gpu", "auto")
-    assert (ddp.swarm.target_batch_size, swarm.swarm.target_batch_size) == (256, 640)  # the default, the swarm's
-    # the default algorithm (diloco) sends fp16 pseudo-gradients; the swarm run's gradient rounds say fp16 themselves
-    assert (ddp.swarm.algorithm, swarm.swarm.algorithm) == ("diloco", "gradient")
+    assert (ddp.swarm.target_batch_size, swarm.swarm.target_batch_size) == (256, 10240)  # the default, the swarm's
+    # the default algorithm (diloco) sends fp16 pseudo-gradients; the swarm run says fp16 itself
+    assert (ddp.swarm.algorithm, swarm.swarm.algorithm) == ("diloco", "diloco")
     assert (ddp.swarm.wire_compression, swarm.swarm.wire_compression) == ("fp16", "fp16")
     assert len({str(run.trainer.output_dir) for run in (ddp, fsdp, swarm, load_config("cifar10_vit_b32"))}) == 4
     large_ddp, large_fsdp = load_config("imagenet_vit_l16_ddp"), load_config("imagenet_vit_l16_fsdp")
@@ -230,7 +231,8 @@ def test_reference_experiment_values():
     assert cifar.model.name == "vit_base_patch32_224"
     assert cifar.data.source == "cifar10"
     assert cifar.data.batch_size == 320
-    assert cifar.swarm.target_batch_size == 640
+    assert cifar.swarm.target_batch_size == 32 * cifar.data.batch_size  # 16 local steps each for two peers
+    assert cifar.swarm.target_batch_size * cifar.trainer.max_steps == 640 * 2000  # the experiment's images
     for strategy in ("ddp", "fsdp"):  # lightning-hydra-timm: 4 nodes x 1 GPU x 320 images
         run = load_config(f"cifar10_vit_b32_{strategy}")
         assert (run.model.name, run.parallel.strategy, run.parallel.num_nodes, run.data.batch_size) == (

@@ -106,7 +106,8 @@ def test_a_swarm_of_containers_trains_passes_health_checks_stops_and_restarts(im
     coordinator = session.start(
         "coordinator",
         image.tag,
-        *("coordinator", "--config", "digits_tiny", "--state-dir", "/data/coordinator", "--host-port", "31337"),
+        *("coordinator", "--config", "digits_tiny_gradient", "--state-dir", "/data/coordinator"),
+        *("--host-port", "31337"),
         *("--http-host", "0.0.0.0", "--http-port", "8470", "--http-name", session.name("coordinator")),
         options=("--network", network, "--volume", f"{session.volume('coordinator')}:/data")
         + ("--env", "VITPEER_METRICS_PORT=8470", "--publish", "127.0.0.1::8470"),  # as in monitor/compose.yaml
@@ -115,7 +116,7 @@ def test_a_swarm_of_containers_trains_passes_health_checks_stops_and_restarts(im
     volumes = {index: session.volume(f"peer-{index}") for index in (1, 2)}
 
     def join(what: str, index: int) -> str:  # the README's volunteer line, through the coordinator by its name
-        command = ["join", "--coordinator", f"http://{coordinator}:8470", "--config", "digits_tiny"]
+        command = ["join", "--coordinator", f"http://{coordinator}:8470", "--config", "digits_tiny_gradient"]
         command += ["--output-dir", "/data/peer", "--host-port", "31337", "--max-steps", "200"]
         command += ["--metrics-addr", "0.0.0.0", "--metrics-port", "9470"]
         options = ("--network", network, "--volume", f"{volumes[index]}:/data", "--shm-size", "1g")

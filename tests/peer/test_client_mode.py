@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 STEP_LINE = re.compile(r"swarm step (\d+)/(\d+) \| peers (\d+)")
 # swarm steps large enough (one alone: 2-7 s) that a peer whose start lags the other's by seconds still meets it
 RUNS = {
-    "gradient": ["--config", "digits_tiny", "--max-steps", "4", "--target-batch-size", "1024"],
+    "gradient": ["--config", "digits_tiny_gradient", "--max-steps", "4", "--target-batch-size", "1024"],
     "diloco": ["--config", "digits_tiny_diloco", "--max-steps", "3", "--target-batch-size", "2048"],
 }
 COMMON = ["--batch-size", "32", "--host-maddr", "/ip4/127.0.0.1/tcp/0", "--matchmaking-time", "1.0"]

@@ -26,7 +26,7 @@ import torch
 from hostile import ROUND_MARK
 from processes import CONFIG, STOP_GRACE, Coordinator, free_port, spawn, wait_for
 
-from vitpeer.peer.core.config import resolve_config_path
+from vitpeer.peer.core.config import load_config
 from vitpeer.peer.core.runtime.processes import stop_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first test waits for the whole scenario
@@ -149,7 +149,8 @@ def kill_in_a_round(swarm: Swarm, churned, since: int) -> dict[str, Any]:
 def start_mismatched_peer(swarm: Swarm):
     """A peer whose network has 3 blocks instead of 4, under the same run id: it must stop before averaging."""
     config = swarm.root / "depth3.yaml"
-    config.write_text(resolve_config_path(CONFIG).read_text().replace("depth: 4", "depth: 3"))
+    assert load_config(CONFIG).model.kwargs["depth"] == 4
+    config.write_text(f"base: {CONFIG}\nmodel:\n  kwargs: {{depth: 3}}\n")  # a base's mappings merge key by key
     out = swarm.out("mismatched")
     out.mkdir()
     initial = (swarm.coordinator.state_dir / "initial_peers.txt").read_text().split()

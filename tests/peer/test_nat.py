@@ -36,7 +36,7 @@ pytestmark = [
 ]
 
 STEPS = 4
-FLAGS = ["--config", "digits_tiny", "--target-batch-size", "1024", "--batch-size", "32"]
+FLAGS = ["--config", "digits_tiny_gradient", "--target-batch-size", "1024", "--batch-size", "32"]
 FLAGS += ["--matchmaking-time", "1.0", "--averaging-timeout", "10"]
 STEP_LINE = re.compile(r"swarm step (\d+)/\d+ \| peers (\d+)")
 NO_GROUP = "could not find a group"  # hivemind's error when a round gathers no one to average with

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture
 def config(tmp_path: Path):
     return load_config(
-        "digits_tiny",
+        "digits_tiny_gradient",
         {
             "swarm.host_maddrs": ["/ip4/127.0.0.1/tcp/0"],
             "swarm.run_id": f"strategy-test-{tmp_path.name}",
