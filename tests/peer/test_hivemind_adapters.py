@@ -72,6 +72,8 @@ ADAPTED = [
     "_set_group_size",
     "_load_state_from_peers",
     "_arm_state_check",
+    "_declare_for_download_periodically",
+    "_state_updated",
     "_validators",
     "_BASE_COMPRESSION_TYPES",
     "_process_wide_key",

@@ -15,7 +15,7 @@ import torch
 from hivemind.averaging.control import StepControl
 from hivemind.compression import CompressionBase, CompressionInfo
 
-from vitpeer.peer.core.algorithms.diloco_shared import OuterAverager, SharedState
+from vitpeer.peer.core.algorithms.diloco_shared import SEARCH_WINDOW, OuterAverager, SharedState
 from vitpeer.peer.core.averaging.aggregation import Aggregation, mean, refusal
 from vitpeer.peer.core.averaging.events import allreduce_bytes_sent
 from vitpeer.peer.core.averaging.hivemind_averagers import GroupSizedAverager, PlausibleProgressTracker
@@ -223,7 +223,7 @@ class DiLoCo(SharedState):
                     buffer.copy_(delta)
             self.averager.set_group_size(self.num_peers)  # the group closes as soon as every peer is in
             try:
-                deadline = self.matchmaking_time + self.averaging_timeout
+                deadline = SEARCH_WINDOW * self.matchmaking_time  # to find the group; the all-reduce has its own
                 control = self.averager.step(weight=float(max(samples, 1)), timeout=deadline, wait=False)  # pyright: ignore[reportAssignmentType]  # hivemind types the result of wait=True; wait=False returns its StepControl
             except Exception as err:  # could not even be scheduled: its progress goes into the next round
                 log.warning("could not start the round of swarm step %d: %r", epoch, err)

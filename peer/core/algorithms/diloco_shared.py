@@ -17,6 +17,13 @@ from vitpeer.peer.core.averaging.aggregation import refusal
 from vitpeer.peer.core.averaging.hivemind_averagers import GroupSizedAverager
 from vitpeer.peer.core.averaging.remote_state import StateCheck, download_bound
 
+SEARCH_WINDOW = 2.0
+"""A round or a sync looks for its group for at most this many ``matchmaking_time``s (hivemind's ``timeout``: to
+find a group; the all-reduce then has ``averaging_timeout``). A group whose peers are all in closes at once. Until
+2026-12-07 the window was ``matchmaking_time + averaging_timeout`` (17 s for the demo): a peer that entered a sync
+while the other entered a round, or a round the other had already left, blocked both for 15-17 s, twice in a
+70 s measurement, nearly half of what a 2-peer swarm could have committed."""
+
 SYNC_BOUND = 2.0
 """An exact sync's result may be at most this far from this peer's own shared state, relative to that state's length;
 a farther one is rejected. Loose on purpose: a sync exists to bring together peers that trained apart (a peer alone
@@ -122,7 +129,7 @@ class SharedState:
                 buffer.copy_(value)
         self.syncer.set_group_size(max(2, self.num_peers))
         try:  # one matchmaking window, no retries: a peer that is alone loses only that
-            gathered = self.syncer.step(timeout=2 * self.matchmaking_time + self.averaging_timeout, allow_retries=False)
+            gathered = self.syncer.step(timeout=SEARCH_WINDOW * self.matchmaking_time, allow_retries=False)
         except Exception as err:
             gathered = None
             log.debug("syncing the shared state failed: %r", err)
