@@ -96,9 +96,9 @@ def samples_per_second(config: RunConfig, hivemind_peer: bool, warmup: int, step
 
 CASES = {
     # name: (config, overrides, warm-up local steps, timed local steps)
-    "digits_tiny": ("digits_tiny", {}, 10, 120),  # target 256 = 8 local steps: 15 swarm steps timed
+    "digits_tiny_gradient": ("digits_tiny_gradient", {}, 10, 120),  # target 256 = 8 local steps: 15 swarm steps timed
     "vit_small_224": (  # a local step takes seconds on a CPU: target 32 = 4 local steps, 3 swarm steps timed
-        "digits_tiny",
+        "digits_tiny_gradient",
         {
             "model.name": "vit_small_patch16_224",
             "model.img_size": 224,

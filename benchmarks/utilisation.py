@@ -96,7 +96,7 @@ def _inner_optimizer(swarm_optimizer):
     return swarm_optimizer.state_averager.optimizer
 
 
-def run(max_steps: int = 60, config: str = "digits_tiny") -> dict[str, Any]:
+def run(max_steps: int = 60, config: str = "digits_tiny_gradient") -> dict[str, Any]:
     """Two timed peers train ``max_steps`` swarm steps of ``config`` together; each one's compute share."""
     from vitpeer.peer.commands.demo import run_demo
     from vitpeer.peer.core.config import load_config

@@ -330,7 +330,7 @@ optim:
 """
 ALGORITHMS = {  # the shipped config each algorithm starts from (its model replaced by MODEL_YAML's)
     "diloco": "digits_tiny_diloco",
-    "gradient": "digits_tiny",
+    "gradient": "digits_tiny_gradient",
 }
 BATCH = 32  # digits_tiny's local batch
 AVERAGING_TIMEOUT = 30.0  # vitpeer's default (digits_tiny's 15 s is for loopback): an exact diloco sync moves 170 MB
