@@ -19,7 +19,7 @@ import torch
 from hivemind.optim import grad_averager, state_averager
 from hivemind.proto import crypto_pb2
 
-from vitpeer.peer.core.averaging import hivemind_downloads
+from vitpeer.peer.core.averaging import hivemind_averagers, hivemind_downloads
 from vitpeer.peer.core.averaging.hivemind_averagers import (
     WRITTEN_FOR,
     GradientAverager,
@@ -204,3 +204,30 @@ def test_a_state_download_is_cut_past_its_byte_budget_or_under_its_minimum_rate(
 def test_the_budget_of_a_state_is_its_tensors_and_a_margin():
     check = StateCheck(layout=((torch.Size([1000, 10]), torch.float32), (torch.Size([10]), torch.float16)))
     assert check.max_bytes == int((40_000 + 20) * 1.25) + (1 << 20)
+
+
+def test_matchmaking_s_back_to_back_lookups_are_paced():
+    """hivemind's matchmaking calls ``get_averagers`` again as soon as a lookup found no leader: paced, six calls of
+    one key manager take at least five intervals, and another key manager is not held up by the first."""
+    calls: list[tuple[str, float]] = []
+
+    async def get_averagers(manager, key, only_active):
+        calls.append((manager.name, time.monotonic()))
+        return []
+
+    paced = hivemind_averagers.paced_search(get_averagers)
+    first, second = type("Manager", (), {"name": "first"})(), type("Manager", (), {"name": "second"})()
+
+    async def search():
+        for _ in range(6):
+            await paced(first, "key", only_active=True)
+        await paced(second, "key", only_active=True)
+
+    started = time.monotonic()
+    asyncio.run(search())
+    times = [at for name, at in calls if name == "first"]
+    assert len(times) == 6 and all(
+        b - a >= 0.95 * hivemind_averagers.SEARCH_EVERY for a, b in zip(times, times[1:], strict=False)
+    )
+    assert calls[-1][0] == "second" and calls[-1][1] - times[-1] < hivemind_averagers.SEARCH_EVERY / 2
+    assert time.monotonic() - started < 8 * hivemind_averagers.SEARCH_EVERY
