@@ -37,10 +37,11 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from types import CoroutineType
+from typing import Any, TypeVar
 
 import hivemind
 import torch
@@ -71,6 +72,7 @@ WRITTEN_FOR = "1.1.12"
 """The hivemind version these adapters were written against and read with (a test pins the installed one to it)."""
 
 
+Found = TypeVar("Found")
 SEARCH_EVERY = 0.2
 """Seconds between two DHT lookups of the averagers looking for a group. hivemind's matchmaking looks again as soon
 as a lookup found no leader to join, so a peer that began its round before the others did one DHT lookup after
@@ -79,7 +81,9 @@ processes, averagers and p2pd together taking 35-45 % of the core the peer train
 at most this much later; the round runs beside training, which does not wait for it."""
 
 
-def paced_search(get_averagers: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def paced_search(
+    get_averagers: Callable[..., CoroutineType[Any, Any, Found]],
+) -> Callable[..., CoroutineType[Any, Any, Found]]:
     """``GroupKeyManager.get_averagers`` at most once every ``SEARCH_EVERY`` s per key manager."""
 
     @functools.wraps(get_averagers)
