@@ -165,7 +165,7 @@ def test_a_users_file_can_build_on_a_shipped_config_and_flags_still_win(tmp_path
     mine = tmp_path / "mine.yaml"
     mine.write_text("base: cifar10_vit_b32_hivemind\nswarm:\n  run_id: my-cifar\ndata:\n  batch_size: 64\n")
     config = load_config(mine, {"data.batch_size": 16})
-    assert (config.swarm.run_id, config.swarm.target_batch_size, config.data.batch_size) == ("my-cifar", 640, 16)
+    assert (config.swarm.run_id, config.swarm.target_batch_size, config.data.batch_size) == ("my-cifar", 10240, 16)
     assert config.model.name == "vit_base_patch32_224"  # from the base's base
 
 

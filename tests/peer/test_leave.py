@@ -25,7 +25,8 @@ STEP = re.compile(r"swarm step (\d+)/\d+ \| peers (\d+)")
 
 def join(output_dir: Path, *args: str):
     output_dir.mkdir(parents=True, exist_ok=True)
-    command = ["join", "--output-dir", str(output_dir), "--run-id", "leave-test", "--max-steps", "10000"]
+    command = ["join", "--config", "digits_tiny_gradient", "--output-dir", str(output_dir), "--run-id", "leave-test"]
+    command += ["--max-steps", "10000"]
     return spawn([*command, "--host-maddr", "/ip4/127.0.0.1/tcp/0", *args], output_dir / "log.txt")
 
 

@@ -23,6 +23,8 @@ def join(output_dir: Path, *args: str):
     output_dir.mkdir(parents=True, exist_ok=True)
     command = [
         "join",
+        "--config",
+        "digits_tiny_gradient",  # several local ranks are the gradient algorithm's (diloco refuses them)
         "--output-dir",
         str(output_dir),
         "--run-id",
