@@ -65,7 +65,9 @@ def test_multi_rank_peer_counts_once_contributes_all_its_ranks_samples_and_keeps
             results[name].keys()
         )
         steps = json.loads((tmp_path / name / "history" / "history.json").read_text())["steps"]
-        assert steps[-1]["step"] == STEPS and steps[-1]["swarm/peers"] == 2
+        # every step has its peer count; the last one's depends on whether the other peer had already said goodbye
+        # when this one logged it (CI, 2026-12-07: 1), so the pair is checked over the run: two peers, never three
+        assert steps[-1]["step"] == STEPS and max(step["swarm/peers"] for step in steps) == 2
         assert json.loads((tmp_path / name / "config.json").read_text())["swarm"]["run_id"] == "local-ranks"
 
     # the swarm counts the 2-rank host as one peer
