@@ -195,8 +195,8 @@ class _CheckedDownload:
                     key, subkey=subkey, value=value, expiration_time=now + period, return_future=True
                 )
                 asyncio.create_task(asyncio.wait_for(store, timeout=period))
-                declared, renew_at = offer, 0.0
-            if now >= renew_at:  # stored now, or nothing to offer: look again in half a period at the latest
+                declared, renew_at = offer, now + period / 2
+            elif now >= renew_at:  # nothing to offer: look again in half a period at the latest
                 renew_at = now + period / 2
             averager._state_updated.clear()
             try:  # set by a new offer (hivemind's setters), and by every averaged tensor
